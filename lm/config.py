@@ -1,0 +1,235 @@
+"""Typed run configuration: YAML presets plus dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A bad config key or value; the message is one line meant for the user."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  vocab_size: int = 0  # 0: take it from the tokenizer
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0  # 0: d_model // num_heads
+  d_ff: int = 768
+  max_seq_len: int = 256
+  dtype: str = "float32"
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  remat: str = "none"  # none | full | save_matmuls
+  init_std: float = 0.02
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 16  # global, in sequences
+  seq_len: int = 256
+  grad_accum: int = 1
+  learning_rate: float = 3e-3
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  clip_norm: float = 1.0
+  z_loss: float = 0.0
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+  source: str = "stdlib"
+  text_field: str = "text"
+  val_source: str = ""
+  val_fraction: float = 0.01
+  shuffle_window: int = 1024
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+  path: str = ""  # an existing sentencepiece .model; empty: train one into the workdir
+  model_type: str = "bpe"  # bpe | unigram | char
+  vocab_size: int = 2048
+  train_sentences: int = 200000
+
+
+@dataclasses.dataclass
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {
+      "batch": ["data", "fsdp"],
+      "vocab": ["tensor"],
+      "embed": ["fsdp"],
+      "embed_act": [],
+      "heads": ["tensor"],
+      "kv_heads": ["tensor"],
+      "mlp": ["tensor"],
+      "head_dim": [],
+      "layers": [],
+  })
+
+
+@dataclasses.dataclass
+class EvalConfig:
+  every: int = 200
+  steps: int = 8
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+  every: int = 500
+
+
+@dataclasses.dataclass
+class LogConfig:
+  every: int = 10
+
+
+@dataclasses.dataclass
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "save_matmuls"),
+    "tokenizer.model_type": ("bpe", "unigram", "char"),
+}
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+  """Every dotted leaf key with its declared type."""
+  keys = {}
+  for f in dataclasses.fields(cls):
+    tp = typing.get_type_hints(cls)[f.name]
+    if dataclasses.is_dataclass(tp):
+      keys.update(all_keys(tp, f"{prefix}{f.name}."))
+    else:
+      keys[prefix + f.name] = tp
+  return keys
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+  origin = typing.get_origin(tp)
+  ok = True
+  if tp is bool:
+    ok = isinstance(value, bool)
+  elif tp is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif tp is float:
+    try:  # YAML reads exponents without a dot, such as 3e-4, as strings
+      value = float(value) if not isinstance(value, bool) else value
+    except (TypeError, ValueError):
+      pass
+    ok = isinstance(value, float)
+  elif tp is str:
+    ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    value = str(value) if ok else value
+  elif origin is dict:
+    ok = isinstance(value, dict)
+    if ok:
+      value = {k: [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
+  if not ok:
+    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+  if key in CHOICES and value not in CHOICES[key]:
+    raise ConfigError(f"config key '{key}' is {value!r}; valid: {', '.join(CHOICES[key])}")
+  return value
+
+
+def _set(cfg: Config, key: str, value: Any, keys: dict[str, Any]) -> None:
+  if key not in keys:
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(Config))}"
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+  *path, leaf = key.split(".")
+  node = cfg
+  for p in path:
+    node = getattr(node, p)
+  value = _coerce(key, value, keys[key])
+  if isinstance(value, dict):  # rule tables merge, so one rule can be overridden alone
+    value = {**getattr(node, leaf), **value}
+  setattr(node, leaf, value)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for k, v in d.items():
+    name = prefix + str(k)
+    if isinstance(v, dict) and name != "mesh.rules":
+      flat.update(_flatten(v, name + "."))
+    else:
+      flat[name] = v
+  return flat
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+  """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML)."""
+  cfg, keys = Config(), all_keys()
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise ConfigError(f"config file '{path}' does not exist")
+    for k, v in _flatten(yaml.safe_load(path.read_text()) or {}).items():
+      _set(cfg, k, v, keys)
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override '{item}' is not of the form key=value")
+    _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", keys)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg: Config) -> None:
+  m, t = cfg.model, cfg.train
+  checks = [
+      (m.num_heads % m.num_kv_heads == 0, f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}"),
+      (m.head_dim > 0 or m.d_model % m.num_heads == 0, f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim"),
+      (t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
+      (t.batch_size % t.grad_accum == 0, f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"),
+      (0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)"),
+      (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+  ]
+  for ok, msg in checks:
+    if not ok:
+      raise ConfigError(msg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+  Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def head_dim(m: ModelConfig) -> int:
+  return m.head_dim or m.d_model // m.num_heads

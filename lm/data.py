@@ -1,0 +1,185 @@
+"""Document sources and grain pipelines that pack tokens into fixed-length rows.
+
+Row j of every global batch comes from its own stream (documents j, j+B, j+2B, ... of a seeded
+shuffle), so the data order depends on the global batch size only, never on how many processes
+read it: each process builds just the streams of its own rows.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import grain.experimental as gx
+import numpy as np
+
+from lm.config import ConfigError, DataConfig
+from lm.tokenizer import Tokenizer
+
+SPLIT_SEED = 0  # fixed, so the held-out documents never change with train.seed
+CHUNK_CHARS = 1 << 15  # one long text is cut at line ends into pieces of about this size
+
+
+class TextFiles:
+  """Each file is one document."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = list(paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i: int) -> str:
+    return Path(self.paths[i]).read_text(encoding="utf-8", errors="replace")
+
+
+class JsonLines:
+  """Each non-empty line of each file is one document; a line offset index makes it random-access."""
+
+  def __init__(self, paths: Sequence[str], field: str):
+    self.paths, self.field, self.index = list(paths), field, []
+    for f, path in enumerate(self.paths):
+      offset = 0
+      with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+          if line.strip():
+            self.index.append((f, offset, lineno))
+          offset += len(line)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, i: int) -> str:
+    f, offset, lineno = self.index[i]
+    with open(self.paths[f], "rb") as fh:
+      fh.seek(offset)
+      line = fh.readline()
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{self.paths[f]}:{lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get(self.field), str):
+      raise ConfigError(f"{self.paths[f]}:{lineno}: no string field '{self.field}' (set data.text_field)")
+    return record[self.field]
+
+
+class ArrayRecords:
+  """Each record is one UTF-8 document."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.source = grain.sources.ArrayRecordDataSource(list(paths))
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> str:
+    return self.source[i].decode("utf-8", errors="replace")
+
+
+class Subset:
+  def __init__(self, source: Any, indices: Sequence[int]):
+    self.source, self.indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> str:
+    return self.source[self.indices[i]]
+
+
+def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+  """Cuts a long text at the first line end after every `size` characters."""
+  out, start = [], 0
+  while start < len(text):
+    end = text.find("\n", start + size)
+    end = len(text) if end == -1 else end + 1
+    out.append(text[start:end])
+    start = end
+  return out
+
+
+def stdlib_files() -> list[str]:
+  """The interpreter's own standard library, without the installed packages beside it."""
+  paths = []
+  for folder, subdirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
+    subdirs[:] = sorted(d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+    paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
+  return sorted(paths)
+
+
+def _match(pattern: str, spec: str) -> list[str]:
+  if os.path.isdir(pattern):
+    pattern = os.path.join(pattern, "**", "*")
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise ConfigError(f"data source '{spec}' matched no files")
+  return paths
+
+
+def open_source(spec: str, text_field: str = "text") -> Any:
+  """`stdlib`, a path, directory or glob of text files, `jsonl:GLOB`, or `arrayrecord:GLOB`."""
+  kind, sep, rest = spec.partition(":")
+  if spec == "stdlib":
+    source = TextFiles(stdlib_files())
+  elif sep and kind == "jsonl":
+    source = JsonLines(_match(rest, spec), text_field)
+  elif sep and kind == "arrayrecord":
+    source = ArrayRecords(_match(rest, spec))
+  else:
+    source = TextFiles(_match(spec, spec))
+  if len(source) == 0 or not any(source[i].strip() for i in range(min(len(source), 64))):
+    raise ConfigError(f"data source '{spec}' has no text")
+  return source
+
+
+def split(cfg: DataConfig) -> tuple[Any, Any | None]:
+  """(train, validation) documents; validation is None when nothing is held out."""
+  source = open_source(cfg.source, cfg.text_field)
+  if cfg.val_source:
+    return source, open_source(cfg.val_source, cfg.text_field)
+  if len(source) == 1:
+    text = source[0]
+    cut = int(len(text) * (1 - cfg.val_fraction))
+    return chunks(text[:cut]), (chunks(text[cut:]) if cut < len(text) else None)
+  held = round(len(source) * cfg.val_fraction)
+  if cfg.val_fraction > 0 and held == 0:
+    held = 1
+  if held >= len(source):
+    raise ConfigError(f"data.val_fraction={cfg.val_fraction} holds out all {len(source)} documents of '{cfg.source}'")
+  order = np.random.default_rng(SPLIT_SEED).permutation(len(source))
+  val = Subset(source, sorted(order[:held])) if held else None
+  return Subset(source, sorted(order[held:])), val
+
+
+def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
+            shuffle_window: int = 1, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This process's rows of every global batch: dicts of [rows, seq_len] int32 arrays
+  `inputs`, `targets`, `segment_ids` (0 marks padding) and `positions`."""
+  bos, eos = tokenizer.bos_id, tokenizer.eos_id
+
+  def tokenize(text: str) -> dict[str, np.ndarray] | None:
+    ids = np.asarray([bos, *tokenizer.encode(text), eos] if bos >= 0 else [*tokenizer.encode(text), eos], np.int32)
+    return {"inputs": ids[:-1], "targets": ids[1:]} if len(ids) > 1 else None
+
+  def rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"inputs": row["inputs"], "targets": row["targets"],
+            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+  shuffled = grain.MapDataset.source(docs).shuffle(seed).repeat()
+  rows = global_batch // process_count
+  streams = []
+  for j in range(process_index * rows, (process_index + 1) * rows):
+    # Streams are read synchronously: one prefetch thread below serves all of them.
+    stream = shuffled[j::global_batch].map(tokenize).filter(lambda x: x is not None).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    stream = gx.ConcatThenSplitIterDataset(stream, length_struct={"inputs": seq_len, "targets": seq_len})
+    if shuffle_window > 1:
+      stream = gx.WindowShuffleIterDataset(stream, window_size=shuffle_window, seed=seed + j)
+    streams.append(stream.map(rename))
+  stacked = gx.ZipIterDataset(streams).map(lambda rows: {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+  return gx.ThreadPrefetchIterDataset(stacked, prefetch_buffer_size=2)

@@ -1,0 +1,82 @@
+"""Metrics: JSON lines, TensorBoard events, a console progress view and the loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+  """Writes only where `enabled` (process 0), so several hosts never write the same files."""
+
+  def __init__(self, workdir: Path, total_steps: int, enabled: bool = True, start_step: int = 0):
+    self.enabled = enabled
+    self.path = workdir / "metrics.jsonl"
+    self.tb = SummaryWriter(str(workdir / "tensorboard")) if enabled else None
+    self.bar = None
+    if enabled and sys.stderr.isatty():
+      self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    for name, value in metrics.items():
+      self.tb.add_scalar(name, value, step)
+    self.tb.flush()
+    self.show(step, metrics)
+
+  def show(self, step: int, metrics: dict[str, float]) -> None:
+    parts = []
+    if "loss" in metrics:
+      parts += [f"loss {metrics['loss']:.4f}", f"lr {metrics['learning_rate']:.2e}",
+                f"{metrics['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * metrics['mfu']:.1f}%"]
+    if "val_loss" in metrics:
+      parts += [f"val_loss {metrics['val_loss']:.4f}", f"val_ppl {metrics['val_perplexity']:.2f}"]
+    if self.bar is not None:
+      self.bar.n = step
+      self.bar.set_postfix_str(" | ".join(parts), refresh=True)
+    else:
+      print(f"step {step} | " + " | ".join(parts), flush=True)
+
+  def say(self, line: str) -> None:
+    if self.enabled:
+      (self.bar.write if self.bar is not None else print)(line)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot(workdir: Path) -> Path:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = read(workdir / "metrics.jsonl")
+  train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+  val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for points, label in ((train, "train"), (val, "validation")):
+    if points:
+      ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+  ax.set(xlabel="step", ylabel="loss (nats per token)", title=workdir.name)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  out = workdir / "loss.png"
+  fig.savefig(out, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return out

@@ -1,0 +1,169 @@
+"""Llama-family decoder-only transformer in Flax NNX, with layers stacked and scanned."""
+
+from __future__ import annotations
+
+import math
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.config import ModelConfig, head_dim
+from lm.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": None,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: jnp.dtype | None = None) -> jax.Array:
+  """Contracts the last `n_in` axes of x with the first `n_in` axes of w (cast to x's dtype) as one
+  2-D matmul: XLA's CPU backend runs N-D dots about half as fast, and other backends do not mind."""
+  lead, outs = x.shape[: x.ndim - n_in], w.shape[n_in:]
+  k = math.prod(w.shape[:n_in])
+  y = jnp.dot(x.reshape(-1, k), w.astype(x.dtype).reshape(k, -1), preferred_element_type=out_dtype)
+  return y.reshape(*lead, *outs)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale).astype(x.dtype)
+
+
+def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding on the two halves of each head (the Hugging Face Llama layout)."""
+  half = x_BxLxNxH.shape[-1] // 2
+  freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xF = (positions_BxL[..., None].astype(jnp.float32) * freq_F)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BxLx1xF), jnp.cos(angle_BxLx1xF)
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxLxS: jax.Array) -> jax.Array:
+  """Grouped-query attention; the softmax runs in float32."""
+  B, L, N, H = q_BxLxNxH.shape
+  S, K = k_BxSxKxH.shape[1:3]
+  G = N // K
+  # Heads that share a key/value head are stacked along the query axis: one batched matmul per kv head.
+  q_BxKxGLxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, H)
+  k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+  logits = jnp.matmul(q_BxKxGLxH, k_BxKxSxH.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+  logits_BxKxGxLxS = logits.reshape(B, K, G, L, S)
+  logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS * H**-0.5, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype).reshape(B, K, G * L, S)
+  out_BxKxGxLxH = jnp.matmul(probs, v_BxKxSxH).reshape(B, K, G, L, H)
+  return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
+
+
+def causal_segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """Token l sees token s when s <= l and both belong to the same document."""
+  L = segment_ids_BxL.shape[1]
+  causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return causal_LxL & same_BxLxL
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.d_ff
+    std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.cfg = cfg
+    self.attn_norm = nnx.Param(jnp.ones((D,)), axes=("embed",))
+    self.wq = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std)
+    self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std)
+    self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std)
+    self.wo = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), out_std)
+    self.mlp_norm = nnx.Param(jnp.ones((D,)), axes=("embed",))
+    self.w_gate = param(rngs, (D, F), ("embed", "mlp"), std)
+    self.w_up = param(rngs, (D, F), ("embed", "mlp"), std)
+    self.w_down = param(rngs, (F, D), ("mlp", "embed"), out_std)
+
+  def qkv(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    theta = self.cfg.rope_theta
+    h = rms_norm(x_BxLxD, self.attn_norm[...], self.cfg.norm_eps)
+    q = rope(dense(h, self.wq[...]), positions_BxL, theta)
+    k = rope(dense(h, self.wk[...]), positions_BxL, theta)
+    v = dense(h, self.wv[...])
+    return (constrain(q, ("batch", None, "heads", None)), constrain(k, ("batch", None, "kv_heads", None)),
+            constrain(v, ("batch", None, "kv_heads", None)))
+
+  def finish(self, x_BxLxD: jax.Array, attn_BxLxNxH: jax.Array) -> jax.Array:
+    """Attention output projection, residual, then the SwiGLU MLP and its residual."""
+    x_BxLxD = x_BxLxD + dense(attn_BxLxNxH, self.wo[...], n_in=2)
+    x_BxLxD = constrain(x_BxLxD, ("batch", None, "embed_act"))
+    h = rms_norm(x_BxLxD, self.mlp_norm[...], self.cfg.norm_eps)
+    up = constrain(jax.nn.silu(dense(h, self.w_gate[...])) * dense(h, self.w_up[...]), ("batch", None, "mlp"))
+    return constrain(x_BxLxD + dense(up, self.w_down[...]), ("batch", None, "embed_act"))
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
+    q, k, v = self.qkv(x_BxLxD, positions_BxL)
+    return self.finish(x_BxLxD, attend(q, k, v, mask_BxLxL))
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+    self.blocks = self._stacked_blocks(cfg, rngs)
+    self.final_norm = nnx.Param(jnp.ones((cfg.d_model,)), axes=("embed",))
+    if not cfg.tie_embeddings:
+      self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+  @staticmethod
+  def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs)
+
+    blocks = make(rngs)
+    for _, var in nnx.iter_graph(blocks):
+      if isinstance(var, nnx.Param):
+        var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+    return blocks
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.cfg.dtype)
+
+  def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
+    # A table gathered whole avoids a gather across the vocab shards, which XLA can only do by replicating.
+    table_VxD = constrain(self.embed[...].astype(self.dtype), (None, "embed_act"))
+    x = jnp.take(table_VxD, tokens_BxL, axis=0)
+    return constrain(x, ("batch", None, "embed_act"))
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    h = rms_norm(x_BxLxD, self.final_norm[...], self.cfg.norm_eps)
+    w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+    logits = dense(h, w_DxV, out_dtype=jnp.float32)
+    return constrain(logits, ("batch", None, "vocab"))
+
+  def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+               positions_BxL: jax.Array | None = None) -> jax.Array:
+    B, L = tokens_BxL.shape
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((B, L), jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    mask_BxLxL = causal_segment_mask(segment_ids_BxL)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(x, block_state):
+      return nnx.merge(graphdef, block_state)(x, positions_BxL, mask_BxLxL), None
+
+    if self.cfg.remat != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    x, _ = jax.lax.scan(layer, self.embed_tokens(tokens_BxL), stacked)
+    return self.logits(x)
+
+
+def count_params(cfg: ModelConfig) -> int:
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))

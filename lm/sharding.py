@@ -1,0 +1,83 @@
+"""Device mesh and logical-axis sharding rules."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lm.config import ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} cannot fill {num_devices} devices: {num_devices} is not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(cfg, len(devices))
+  auto = (AxisType.Auto,) * len(AXES)  # shardings propagate through XLA; we pin the important ones
+  if len(devices) == len(jax.devices()):
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
+
+
+def spec(logical: Sequence[str | None], rules: dict[str, list[str]]) -> P:
+  """Maps logical axis names to mesh axes; a mesh axis is used at most once per array."""
+  used, out = set(), []
+  for name in logical:
+    axes = tuple(a for a in rules.get(name, []) if a not in used) if name else ()
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*out)
+
+
+def named(mesh: Mesh, logical: Sequence[str | None], rules: dict[str, list[str]]) -> NamedSharding:
+  return NamedSharding(mesh, spec(logical, rules))
+
+
+def data_parallel_size(mesh: Mesh, rules: dict[str, list[str]]) -> int:
+  return math.prod(mesh.shape[a] for a in rules.get("batch", []))
+
+
+def check_batch(batch_size: int, mesh: Mesh, rules: dict[str, list[str]], what: str = "train.batch_size") -> None:
+  dp = data_parallel_size(mesh, rules)
+  if batch_size % dp:
+    raise ConfigError(f"{what}={batch_size} is not divisible by the data-parallel size {dp} (mesh {dict(mesh.shape)})")
+  if batch_size % jax.process_count():
+    raise ConfigError(f"{what}={batch_size} is not divisible by the process count {jax.process_count()}")
+
+
+_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: dict[str, list[str]]):
+  """While tracing under this context, `constrain` pins activations to the mesh."""
+  token = _ACTIVATION_RULES.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  ctx = _ACTIVATION_RULES.get()
+  if ctx is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, named(ctx[0], logical, ctx[1]))

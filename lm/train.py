@@ -1,0 +1,134 @@
+"""Training state, optimizer, loss and the jit-compiled train and eval steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lm import sharding
+from lm.config import Config, ModelConfig, TrainConfig
+from lm.model import Transformer
+
+Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: all [B, L] int32
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict[str, Any]
+  opt_state: optax.OptState
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph definition and shape-only state; the state's Params carry their logical axes."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+
+
+def _logical_axes(abstract: nnx.State) -> dict[str, Any]:
+  return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["axes"], abstract,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def param_shardings(abstract: nnx.State, mesh: Mesh, rules: dict[str, list[str]]) -> dict[str, Any]:
+  return jax.tree.map(lambda axes: sharding.named(mesh, axes, rules), _logical_axes(abstract),
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def decay_mask(abstract: nnx.State) -> dict[str, Any]:
+  """Weight decay applies to matrices only, not to norm scales (a per-layer stack is still a vector)."""
+  return jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2, _logical_axes(abstract),
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def optimizer(cfg: TrainConfig, mask: dict[str, Any]) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(cfg.clip_norm),
+      optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask),
+  )
+
+
+class Steps:
+  """The compiled functions for one config on one mesh: state creation, train step, eval step."""
+
+  def __init__(self, cfg: Config, mesh: Mesh):
+    self.cfg, self.mesh, self.rules = cfg, mesh, cfg.mesh.rules
+    self.graphdef, abstract = abstract_model(cfg.model)
+    self.tx = optimizer(cfg.train, decay_mask(abstract))
+    self.schedule = schedule(cfg.train)
+    replicated = NamedSharding(mesh, P())
+    params_sh = param_shardings(abstract, mesh, self.rules)
+    abstract_params = nnx.to_pure_dict(abstract)
+    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abstract_params), params_sh,
+                                   transform_non_params=lambda _: replicated)
+    self.state_shardings = TrainState(step=replicated, params=params_sh, opt_state=opt_sh)
+    self.batch_sharding = sharding.named(mesh, ("batch", None), self.rules)
+    self.replicated = replicated
+    self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(params_sh, self.batch_sharding), out_shardings=replicated)
+
+  def init_state(self, seed: int) -> TrainState:
+    return self._init(jax.random.key(seed))
+
+  def abstract_state(self) -> TrainState:
+    return jax.eval_shape(self._init_fn, jax.random.key(0))
+
+  def _init_fn(self, key: jax.Array) -> TrainState:
+    params = nnx.to_pure_dict(nnx.state(Transformer(self.cfg.model, nnx.Rngs(params=key))))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+  def _sums(self, params: dict[str, Any], batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Summed NLL (plus z-loss) over real target tokens; padding has segment id 0."""
+    with sharding.activation_rules(self.mesh, self.rules):
+      logits_BxLxV = nnx.merge(self.graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
+    logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    nll_BxL = logz_BxL - jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+    real_BxL = (batch["segment_ids"] != 0).astype(jnp.float32)
+    nll = jnp.sum(nll_BxL * real_BxL)
+    objective = nll + self.cfg.train.z_loss * jnp.sum(logz_BxL**2 * real_BxL)
+    return objective, (nll, jnp.sum(real_BxL))
+
+  def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    grad_fn = jax.grad(self._sums, has_aux=True)
+    A = self.cfg.train.grad_accum
+    if A == 1:
+      grads, (nll, tokens) = grad_fn(state.params, batch)
+    else:
+      # Row r of micro-batch i is global row r * A + i, so every device keeps its own rows.
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // A, A, *x.shape[1:]), 0, 1), batch)
+
+      def accumulate(carry, mb):
+        grads, (nll, tokens) = grad_fn(state.params, jax.lax.with_sharding_constraint(mb, self.batch_sharding))
+        return jax.tree.map(jnp.add, carry, (grads, nll, tokens)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+      (grads, nll, tokens), _ = jax.lax.scan(accumulate, zeros, micro)
+    denom = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
+               "tokens": tokens}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _eval_step(self, params: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
+    _, (nll, tokens) = self._sums(params, batch)
+    return {"nll": nll, "tokens": tokens}
+
+  def shard_batch(self, local_batch: dict[str, Any]) -> Batch:
+    """Builds global arrays from this process's rows of the global batch."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}

@@ -1,0 +1,74 @@
+"""Config loading, overrides and their one-line errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lm import config
+from lm.config import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_overrides_apply_on_top_of_the_file(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  d_model: 96\ntrain:\n  learning_rate: 1.0e-3\n")
+  cfg = config.load(path, ["train.learning_rate=0.5", "model.dtype=bfloat16", "mesh.rules={embed: [tensor]}"])
+  assert cfg.model.d_model == 96 and cfg.train.learning_rate == 0.5 and cfg.model.dtype == "bfloat16"
+  assert cfg.mesh.rules["embed"] == ["tensor"] and cfg.mesh.rules["batch"] == ["data", "fsdp"]
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+  assert config.load(None, ["train.learning_rate=1"]).train.learning_rate == 1.0
+  assert config.load(None, ["train.learning_rate=3e-4"]).train.learning_rate == 3e-4
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.d_modle=3", r"unknown config key 'model.d_modle'; did you mean model.d_model"),
+    ("trian.steps=3", r"unknown config key 'trian.steps'; did you mean train.steps"),
+    ("model.d_model=big", r"config key 'model.d_model' expects int, got 'big'"),
+    ("train.learning_rate=fast", r"config key 'train.learning_rate' expects float, got 'fast'"),
+    ("model.tie_embeddings=3", r"config key 'model.tie_embeddings' expects bool, got 3"),
+    ("model.remat=some", r"config key 'model.remat' is 'some'; valid: none, full, save_matmuls"),
+    ("train.steps", r"override 'train.steps' is not of the form key=value"),
+    ("model.num_kv_heads=3", r"model.num_kv_heads=3 must divide model.num_heads=4"),
+    ("train.seq_len=4096", r"train.seq_len=4096 exceeds model.max_seq_len=256"),
+])
+def test_errors_are_one_line_naming_key_and_valid_values(override, message):
+  with pytest.raises(ConfigError, match=message) as err:
+    config.load(None, [override])
+  assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_a_file_is_reported(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("train:\n  stpes: 3\n")
+  with pytest.raises(ConfigError, match="unknown config key 'train.stpes'; did you mean train.steps"):
+    config.load(path)
+
+
+def test_missing_file():
+  with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+    config.load("nope.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_presets_load_and_save_round_trip(path, tmp_path):
+  cfg = config.load(path)
+  config.save(cfg, tmp_path / "resolved.yaml")
+  assert config.load(tmp_path / "resolved.yaml") == cfg
+  assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["model"]["d_model"] == cfg.model.d_model
+
+
+def test_presets_span_tiny_to_7b():
+  from lm.model import count_params
+
+  names = {p.stem for p in CONFIGS}
+  assert {"tiny", "125m", "1b", "7b"} <= names
+  sizes = {}
+  for name in ("125m", "1b", "7b"):
+    sizes[name] = count_params(config.load(CONFIGS[0].parent / f"{name}.yaml").model)
+  assert 100e6 < sizes["125m"] < 170e6
+  assert 0.9e9 < sizes["1b"] < 1.5e9
+  assert 6.5e9 < sizes["7b"] < 7.0e9  # Llama-2-7B: 6.74B
