@@ -95,6 +95,8 @@ class EvalConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
   every: int = 500
+  keep: int = 3  # the newest K checkpoints
+  keep_every: int = 0  # and every M-th step forever (0: none)
 
 
 @dataclasses.dataclass
@@ -179,12 +181,12 @@ def _set(cfg: Config, key: str, value: Any, keys: dict[str, Any]) -> None:
   setattr(node, leaf, value)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   flat = {}
   for k, v in d.items():
     name = prefix + str(k)
     if isinstance(v, dict) and name != "mesh.rules":
-      flat.update(_flatten(v, name + "."))
+      flat.update(flatten(v, name + "."))
     else:
       flat[name] = v
   return flat
@@ -197,7 +199,7 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     path = Path(path)
     if not path.is_file():
       raise ConfigError(f"config file '{path}' does not exist")
-    for k, v in _flatten(yaml.safe_load(path.read_text()) or {}).items():
+    for k, v in flatten(yaml.safe_load(path.read_text()) or {}).items():
       _set(cfg, k, v, keys)
   for item in overrides:
     key, sep, raw = item.partition("=")

@@ -57,6 +57,10 @@ class MetricsWriter:
       self.tb.close()
 
 
+def row_step(line: str) -> int:
+  return json.loads(line)["step"] if line.strip() else -1
+
+
 def read(path: Path) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

@@ -77,6 +77,7 @@ class Steps:
     self.batch_sharding = sharding.named(mesh, ("batch", None), self.rules)
     self.replicated = replicated
     self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+    self._from_params = jax.jit(self._from_params_fn, in_shardings=(params_sh,), out_shardings=self.state_shardings)
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self.eval_step = jax.jit(self._eval_step, in_shardings=(params_sh, self.batch_sharding), out_shardings=replicated)
@@ -85,7 +86,16 @@ class Steps:
     return self._init(jax.random.key(seed))
 
   def abstract_state(self) -> TrainState:
-    return jax.eval_shape(self._init_fn, jax.random.key(0))
+    """Shapes, dtypes and shardings of the state, for restoring onto this mesh."""
+    shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings)
+
+  def state_from_params(self, params: dict[str, Any]) -> TrainState:
+    """Step 0 and a fresh optimizer around given parameters (fine-tuning)."""
+    return self._from_params(params)
+
+  def _from_params_fn(self, params: dict[str, Any]) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
   def _init_fn(self, key: jax.Array) -> TrainState:
     params = nnx.to_pure_dict(nnx.state(Transformer(self.cfg.model, nnx.Rngs(params=key))))

@@ -5,11 +5,14 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +29,18 @@ def tiny_overrides(**extra) -> list[str]:
           "tokenizer.vocab_size": 512}
   base.update(extra)
   return [f"{k}={v}" for k, v in base.items()]
+
+
+def trainer_command(workdir: Path, *overrides: str, init_from: str | None = None) -> list[str]:
+  """`python -m launch.train` on the built-in corpus with a model that trains in seconds."""
+  settings = tiny_overrides(**{"train.seq_len": 64, "train.steps": 60, "train.warmup_steps": 5,
+                               "eval.every": 30, "eval.steps": 2, "log.every": 10})
+  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.yaml", "--workdir", str(workdir)]
+  return cmd + (["--init-from", init_from] if init_from else []) + settings + list(overrides)
+
+
+def run_trainer(workdir: Path, *overrides: str, devices: int = 8, init_from: str | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return subprocess.run(trainer_command(workdir, *overrides, init_from=init_from), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600, **kwargs)

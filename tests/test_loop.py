@@ -3,28 +3,14 @@
 import json
 import math
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def train(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
-  settings = tiny_overrides(**{"train.seq_len": 64, "train.steps": 60, "train.warmup_steps": 5,
-                               "eval.every": 30, "eval.steps": 2, "log.every": 10})
-  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.yaml", "--workdir", str(workdir),
-         *settings, *overrides]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
+from tests.conftest import run_trainer
 
 @pytest.mark.slow
 def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
-  out = train(tmp_path / "run")
+  out = run_trainer(tmp_path / "run")
   assert out.returncode == 0, out.stderr
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
@@ -45,7 +31,8 @@ def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_one_line_naming_the_step(tmp_path):
-  out = train(tmp_path / "run", "train.learning_rate=1e30", "train.warmup_steps=0", "log.every=1", "eval.every=1")
+  out = run_trainer(tmp_path / "run", "train.learning_rate=1e30", "train.warmup_steps=0", "log.every=1", "eval.every=1",
+                    "checkpoint.every=1", "checkpoint.keep=100")
   assert out.returncode == 1
   last = out.stderr.strip().splitlines()[-1]
   match = re.fullmatch(r"error: loss became (nan|inf|-inf) at step (\d+); training stopped, nothing more was saved", last)
@@ -54,10 +41,12 @@ def test_nan_loss_stops_with_one_line_naming_the_step(tmp_path):
   logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert bad >= 2 and {r["step"] for r in logged} == set(range(1, bad))  # every step before it, finite
   assert all(math.isfinite(r.get("loss", 0.0)) for r in logged)
+  saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == list(range(1, bad))  # a bad step never produces a checkpoint
 
 
 def test_bad_override_fails_before_any_work(tmp_path):
-  out = train(tmp_path / "run", "model.d_modle=3")
+  out = run_trainer(tmp_path / "run", "model.d_modle=3")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: unknown config key 'model.d_modle'; did you mean model.d_model, model.d_ff, model.head_dim?"
   assert not (tmp_path / "run").exists()

@@ -1,0 +1,132 @@
+"""Orbax checkpoints: parameters, optimizer state, the grain iterator's position and the run's
+description, saved asynchronously and atomically into WORKDIR/checkpoints/STEP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from lm.config import CheckpointConfig
+
+ITEMS = ("params", "optimizer", "data", "meta")
+
+
+def file_digest(path: str | Path) -> str:
+  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class UnreadableCheckpoint(RuntimeError):
+  def __init__(self, step: int, file: str, reason: str):
+    super().__init__(f"checkpoint at step {step} is unreadable ({file}: {reason})")
+    self.step = step
+
+
+def _locate(message: str, step_dir: Path) -> str:
+  """The file a restore error is about: tensorstore names the item's directory and the array's key in it."""
+  paths = re.findall(r"'path': '([^']*)'", message)
+  folders = [p for p in paths if p.startswith(str(step_dir))]
+  keys = [p for p in paths if not p.startswith("/")]
+  if folders:
+    return folders[0].rstrip("/") + ("/" + keys[-1].rstrip("/") if keys else "")
+  match = re.search(re.escape(str(step_dir)) + r"[^\s'\",]*", message)
+  return match.group(0) if match else str(step_dir)
+
+
+def _tuples(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
+
+
+class _DataPosition:
+  """Adapts a grain iterator to grain's orbax handler (which takes bytes from other iterators).
+  The position is taken when the save is asked for, since the asynchronous save writes it later while
+  training moves on; and JSON lists are turned back into tuples on restore, because grain's packing
+  compares its saved slices with a tuple and takes [-1, -1] for an unfinished document."""
+
+  def __init__(self, iterator: Any):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return self.saved
+
+  def freeze(self) -> "_DataPosition":
+    self.saved = json.dumps(self.iterator.get_state(), indent=2).encode()
+    return self
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(_tuples(json.loads(state)))
+
+  def start_prefetch(self) -> None:
+    self.iterator.start_prefetch()
+
+
+class Checkpoints:
+  def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
+    cfg = cfg or CheckpointConfig()
+    self.dir = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep or None, keep_period=cfg.keep_every or None, create=not read_only,
+        read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
+    handlers = {"params": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any]) -> None:
+    """Starts an asynchronous save; the previous one is finished first."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+        data=grain.checkpoint.CheckpointSave(_DataPosition(data_iter).freeze()),
+        meta=ocp.args.JsonSave(meta))
+    self.manager.save(step, args=args, force=True)
+
+  def meta(self, step: int) -> dict[str, Any]:
+    return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
+    """The full training state, placed with `abstract_state`'s shardings; moves `data_iter` to the
+    saved position."""
+    out = self._restore(
+        step,
+        params=ocp.args.StandardRestore(abstract_state.params),
+        optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+        data=grain.checkpoint.CheckpointRestore(_DataPosition(data_iter)))
+    return abstract_state.replace(params=out["params"], step=out["optimizer"]["step"],
+                                  opt_state=out["optimizer"]["opt_state"])
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+
+  def _restore(self, step: int, **items: Any) -> dict[str, Any]:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax and tensorstore raise many kinds; all mean the same here
+      reason = " ".join(str(e).split("See full TensorStore details")[0].split())[:200]
+      raise UnreadableCheckpoint(step, _locate(str(e), self.dir / str(step)), reason) from None
+
+  def set_aside(self, step: int) -> Path:
+    """Moves an unreadable checkpoint out of the manager's way; it is never deleted."""
+    target = self.dir.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
+    target.parent.mkdir(exist_ok=True)
+    shutil.move(str(self.dir / str(step)), target)
+    self.manager.reload()
+    return target
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

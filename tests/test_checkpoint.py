@@ -1,0 +1,182 @@
+"""Checkpoints with the real trainer as a subprocess: exact resume, other meshes, signals, kills,
+corruption, incompatible configs, fine-tuning starts and full disks."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lm import config
+from lm.checkpoint import Checkpoints
+from tests.conftest import ROOT, run_trainer, tiny_overrides, trainer_command
+
+pytestmark = pytest.mark.slow
+STEPS = ["train.steps=12", "log.every=1", "eval.every=6", "checkpoint.every=6"]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_params(workdir: Path, step: int) -> dict:
+  """Parameters of a checkpoint, restored whole onto one device of this process."""
+  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+      ckpts.manager.item_metadata(step)["params"])
+  params = jax.tree.map(np.asarray, ckpts.restore_params(step, abstract))
+  ckpts.close()
+  return params
+
+
+def start(workdir: Path, *overrides: str) -> subprocess.Popen:
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.Popen(trainer_command(workdir, *overrides), cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, timeout: float = 300.0, every: float = 0.05) -> None:
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+  """An uninterrupted 12-step run with checkpoints at steps 6 and 12."""
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  out = run_trainer(workdir, *STEPS)
+  assert out.returncode == 0, out.stderr
+  return workdir
+
+
+def test_sigterm_saves_and_resumed_run_matches_straight_run_bitwise(straight, tmp_path):
+  workdir = tmp_path / "run"
+  proc = start(workdir, *STEPS)
+  wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 3)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr
+  stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert 3 <= stopped < 12 and stopped in Checkpoints(workdir / "checkpoints", read_only=True).steps()
+
+  out = run_trainer(workdir, *STEPS)
+  assert out.returncode == 0, out.stderr
+  assert f"resumed from step {stopped}" in out.stdout
+  assert losses(workdir) == losses(straight)  # every step, bitwise
+  want, got = final_params(straight, 12), final_params(workdir, 12)
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, want, got)))
+
+
+def test_resume_on_another_device_count_and_mesh_shape(straight, tmp_path):
+  workdir = tmp_path / "run"
+  out = run_trainer(workdir, *STEPS, "mesh.data=1", "mesh.fsdp=8")
+  assert out.returncode == 0, out.stderr
+  shutil.rmtree(workdir / "checkpoints" / "12")
+  out = run_trainer(workdir, *STEPS, "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", devices=4)
+  assert out.returncode == 0, out.stderr
+  assert "resumed from step 6" in out.stdout
+  assert "mesh.data: 1 -> 2; mesh.fsdp: 8 -> 1; mesh.tensor: 1 -> 2" in out.stdout
+  assert "{'data': 2, 'fsdp': 1, 'tensor': 2}" in out.stdout
+  resumed, reference = losses(workdir), losses(straight)
+  np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [reference[s] for s in range(1, 13)], atol=1e-5)
+  rolled_back = [json.loads(r)["step"] for r in (workdir / "metrics.rolled-back.jsonl").read_text().splitlines()]
+  assert min(rolled_back) == 7  # rows of the steps that were recomputed are kept aside, not lost
+
+
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  proc = start(workdir, "train.steps=200", "checkpoint.every=2", "checkpoint.keep=100", "log.every=1")
+  ckpt_dir = workdir / "checkpoints"
+  in_progress = lambda: ckpt_dir.is_dir() and any("tmp" in p.name for p in ckpt_dir.iterdir())
+  wait_for(lambda: proc.poll() is not None or (in_progress() and len(list(ckpt_dir.iterdir())) > 3), every=0.001)
+  proc.kill()
+  proc.communicate()
+  left = sorted(p.name for p in ckpt_dir.iterdir())
+  assert any("tmp" in name for name in left), left  # killed with a save half-written
+  complete = Checkpoints(ckpt_dir, read_only=True).steps()
+  assert complete and all(str(s) in left for s in complete)
+
+  out = run_trainer(workdir, "train.steps=200", "checkpoint.every=2", "checkpoint.keep=100", "log.every=1", "train.steps=" + str(complete[-1] + 2))
+  assert out.returncode == 0, out.stderr
+  assert f"resumed from step {complete[-1]}" in out.stdout
+  after = Checkpoints(ckpt_dir, read_only=True).steps()
+  assert set(complete) <= set(after) and after[-1] == complete[-1] + 2
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one_and_is_kept(straight, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  data_files = sorted((workdir / "checkpoints" / "12" / "params").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
+  os.truncate(data_files[-1], data_files[-1].stat().st_size // 3)
+  out = run_trainer(workdir, *STEPS[1:], "train.steps=14")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  bad = next(line for line in lines if line.startswith("checkpoint at step 12 is unreadable"))
+  assert "checkpoints/12/params/" in bad and "trying the previous checkpoint" in bad
+  assert "resumed from step 6" in lines
+  kept = list((workdir / "checkpoints_unreadable").iterdir())
+  assert len(kept) == 1 and kept[0].name.startswith("12-") and (kept[0] / "params").is_dir()
+  assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [6, 12, 14]
+
+
+def test_incompatible_config_fails_before_loading_and_safe_changes_are_reported(straight, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  out = run_trainer(workdir, *STEPS, "model.d_ff=256", "model.num_layers=3")
+  assert out.returncode == 1
+  assert out.stderr.strip() == (f"error: cannot resume {workdir} from step 12: model.d_ff: 128 -> 256; "
+                                f"model.num_layers: 2 -> 3 differ from its checkpoint; use a new --workdir (or --init-from {workdir})")
+  out = run_trainer(workdir, *STEPS[1:], "train.steps=13", "train.learning_rate=0.001")
+  assert out.returncode == 0, out.stderr
+  assert "resuming with changed settings: train.learning_rate: 0.003 -> 0.001; train.steps: 12 -> 13" in out.stdout
+
+
+def test_init_from_takes_parameters_only(straight, tmp_path):
+  workdir = tmp_path / "finetune"
+  out = run_trainer(workdir, "train.steps=1", "train.learning_rate=0.01", init_from=f"{straight}:6")
+  assert out.returncode == 0, out.stderr
+  assert f"initialized parameters from {straight}:6 (step 6); fresh optimizer at step 0" in out.stdout
+  # The first step of a warmup schedule has learning rate 0: the parameters are exactly step 6's.
+  got, want = final_params(workdir, 1), final_params(straight, 6)
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want)))
+  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
+  assert ckpts.meta(1)["config"]["train"]["learning_rate"] == 0.01
+  out = run_trainer(tmp_path / "other", "model.d_model=96", init_from=str(straight))
+  assert out.returncode == 1 and "model.d_model: 64 -> 96" in out.stderr
+  out = run_trainer(tmp_path / "other", init_from=f"{straight}:5")
+  assert out.returncode == 1 and "no checkpoint at step 5; available: [6, 12]" in out.stderr
+
+
+def test_full_disk_fails_the_save_clearly_and_keeps_earlier_checkpoints(straight, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+
+  def small_files():  # a file may grow to 64 KiB: metrics and logs fit, checkpoint data does not
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+  out = run_trainer(workdir, *STEPS[1:], "train.steps=14", "checkpoint.every=2", preexec_fn=small_files)
+  assert out.returncode == 1
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]  # orbax also logs
+  assert len(errors) == 1 and errors[0].startswith("error: checkpoint save at step 14 failed")
+  assert "File too large" in errors[0]
+  assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [6, 12]
+  assert run_trainer(workdir, *STEPS[1:], "train.steps=14").returncode == 0
+
+
+def test_unwritable_workdir_fails_at_start(tmp_path):
+  (tmp_path / "file").write_text("")
+  out = run_trainer(tmp_path / "file" / "run")
+  assert out.returncode == 1
+  assert out.stderr.strip() == f"error: work directory '{tmp_path / 'file' / 'run'}' is not writable: Not a directory"
