@@ -15,13 +15,24 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="where the run writes everything")
   parser.add_argument("--init-from", metavar="OTHER_WORKDIR[:STEP]",
                       help="start from another run's parameters (fresh optimizer, step 0)")
+  parser.add_argument("--sample-prompt", default="def ", help="printed with a sample after training ('' for none)")
   parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. train.steps=100")
   args = parser.parse_args(argv)
-  from lm import loop  # after argument parsing, so --help needs no jax
+  import jax
+  from absl import logging
+
+  from lm import loop, sampler  # after argument parsing, so --help needs no jax
+
+  logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
 
   try:
     cfg = config.load(args.config, args.overrides)
-    loop.run(cfg, args.workdir, init_from=args.init_from)
+    state = loop.run(cfg, args.workdir, init_from=args.init_from)
+    if args.sample_prompt and int(state.step) == cfg.train.steps:
+      completion = sampler.generate(args.workdir, [args.sample_prompt], max_new_tokens=min(200, cfg.model.max_seq_len // 2),
+                                    temperature=0.7, top_p=0.95)[0]
+      if jax.process_index() == 0:
+        print(f"\nsample ({completion.finish_reason}):\n{completion.prompt}{completion.text}", flush=True)
   except (ConfigError, loop.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -75,7 +75,8 @@ class Checkpoints:
     cfg = cfg or CheckpointConfig()
     self.dir = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep or None, keep_period=cfg.keep_every or None, create=not read_only,
+        max_to_keep=None if read_only else cfg.keep or None, keep_period=cfg.keep_every or None,
+        save_interval_steps=0 if read_only else 1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
     handlers = {"params": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}

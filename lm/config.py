@@ -166,7 +166,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
   return value
 
 
-def _set(cfg: Config, key: str, value: Any, keys: dict[str, Any]) -> None:
+def set_key(cfg: Config, key: str, value: Any, keys: dict[str, Any] | None = None) -> None:
+  keys = keys or all_keys()
   if key not in keys:
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid sections: {', '.join(f.name for f in dataclasses.fields(Config))}"
@@ -200,12 +201,12 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     if not path.is_file():
       raise ConfigError(f"config file '{path}' does not exist")
     for k, v in flatten(yaml.safe_load(path.read_text()) or {}).items():
-      _set(cfg, k, v, keys)
+      set_key(cfg, k, v, keys)
   for item in overrides:
     key, sep, raw = item.partition("=")
     if not sep:
       raise ConfigError(f"override '{item}' is not of the form key=value")
-    _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", keys)
+    set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", keys)
   validate(cfg)
   return cfg
 

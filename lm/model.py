@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -145,6 +147,18 @@ class Transformer(nnx.Module):
     logits = dense(h, w_DxV, out_dtype=jnp.float32)
     return constrain(logits, ("batch", None, "vocab"))
 
+  def _layers(self, carry: Any, layer: Callable, per_layer: Any = None) -> tuple[Any, Any]:
+    """Scans `layer(block, carry, per_layer_input) -> (carry, per_layer_output)` over the stacked blocks."""
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def step(carry, inputs):
+      block_state, extra = inputs
+      return layer(nnx.merge(graphdef, block_state), carry, extra)
+
+    if self.cfg.remat != "none":
+      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    return jax.lax.scan(step, carry, (stacked, per_layer))
+
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None) -> jax.Array:
     B, L = tokens_BxL.shape
@@ -153,15 +167,37 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
     mask_BxLxL = causal_segment_mask(segment_ids_BxL)
-    graphdef, stacked = nnx.split(self.blocks)
-
-    def layer(x, block_state):
-      return nnx.merge(graphdef, block_state)(x, positions_BxL, mask_BxLxL), None
-
-    if self.cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-    x, _ = jax.lax.scan(layer, self.embed_tokens(tokens_BxL), stacked)
+    x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x, _: (block(x, positions_BxL, mask_BxLxL), None))
     return self.logits(x)
+
+  def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array
+              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Logits and every layer's keys and values, [layers, B, L, kv_heads, head_dim] each."""
+    mask_BxLxL = causal_segment_mask(segment_ids_BxL)
+
+    def layer(block, x, _):
+      q, k, v = block.qkv(x, positions_BxL)
+      return block.finish(x, attend(q, k, v, mask_BxLxL)), (k, v)
+
+    x, kv = self._layers(self.embed_tokens(tokens_BxL), layer)
+    return self.logits(x), kv
+
+  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[jax.Array, jax.Array],
+             index: jax.Array, visible_BxTxS: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Runs T new tokens against a key/value cache of S slots: writes their keys and values at slots
+    index..index+T-1, attends to the slots `visible_BxTxS` allows, returns logits and the cache."""
+
+    # The whole cache rides in the scan's carry, so each step updates it in place rather than
+    # rebuilding every layer's slice as a scan output.
+    def layer(block, carry, i):
+      x, k_cache, v_cache = carry
+      q, k, v = block.qkv(x, positions_BxT)
+      k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (i, 0, index, 0, 0))
+                          for c, new in zip((k_cache, v_cache), (k, v)))
+      return (block.finish(x, attend(q, k_cache[i], v_cache[i], visible_BxTxS)), k_cache, v_cache), None
+
+    (x, *cache), _ = self._layers((self.embed_tokens(tokens_BxT), *cache), layer, jnp.arange(self.cfg.num_layers))
+    return self.logits(x), tuple(cache)
 
 
 def count_params(cfg: ModelConfig) -> int:
