@@ -51,11 +51,15 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   from absl import logging
 
+  import jax
+
+  from lm import distributed
   from lm.sampler import Sampler, check_sampling  # after argument parsing, so --help needs no jax
 
   logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
 
   try:
+    distributed.initialize()
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     if args.output and Path(args.output).exists():
       raise ConfigError(f"--output '{args.output}' already exists; choose a new path")
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if jax.process_index() != 0:  # every process sampled its share; one writes
+    return 0
   rows = []
   for c in completions:
     row = {"prompt": c.prompt, "completion": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}

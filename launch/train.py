@@ -21,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
   import jax
   from absl import logging
 
-  from lm import loop, sampler  # after argument parsing, so --help needs no jax
+  from lm import distributed, loop, sampler  # after argument parsing, so --help needs no jax
 
   logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
 
   try:
+    distributed.initialize()
     cfg = config.load(args.config, args.overrides)
     state = loop.run(cfg, args.workdir, init_from=args.init_from)
     if args.sample_prompt and int(state.step) == cfg.train.steps:

@@ -15,7 +15,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from lm.config import CheckpointConfig
+from lm.config import CheckpointConfig, ConfigError
 
 ITEMS = ("params", "optimizer", "data", "meta")
 
@@ -131,3 +131,18 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def open_run(workdir: str | Path, step: int | None = None) -> tuple[Checkpoints, int, dict[str, Any]]:
+  """A run's checkpoints (read-only), the newest or the given step, and that step's description."""
+  workdir = Path(workdir)
+  if not (workdir / "checkpoints").is_dir():
+    raise ConfigError(f"work directory '{workdir}' has no checkpoints/; train there first")
+  ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
+  steps = ckpts.steps()
+  if not steps or (step is not None and step not in steps):
+    ckpts.close()
+    wanted = "no complete checkpoint" if step is None else f"no checkpoint at step {step}"
+    raise ConfigError(f"work directory '{workdir}' has {wanted}; available: {steps}")
+  step = steps[-1] if step is None else step
+  return ckpts, step, ckpts.meta(step)

@@ -211,6 +211,14 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
   return cfg
 
 
+def from_dict(settings: dict[str, Any]) -> Config:
+  """A config from its saved dictionary (as `to_dict` wrote it)."""
+  cfg, keys = Config(), all_keys()
+  for k, v in flatten(settings).items():
+    set_key(cfg, k, v, keys)
+  return cfg
+
+
 def validate(cfg: Config) -> None:
   m, t = cfg.model, cfg.train
   checks = [

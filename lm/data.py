@@ -158,9 +158,10 @@ def split(cfg: DataConfig) -> tuple[Any, Any | None]:
 
 
 def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
-            shuffle_window: int = 1, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """This process's rows of every global batch: dicts of [rows, seq_len] int32 arrays
-  `inputs`, `targets`, `segment_ids` (0 marks padding) and `positions`."""
+            shuffle_window: int = 1, rows: range | None = None) -> grain.IterDataset:
+  """Rows `rows` (default: all) of every global batch, the rows this process feeds to its devices:
+  dicts of [len(rows), seq_len] int32 arrays `inputs`, `targets`, `segment_ids` (0 marks padding)
+  and `positions`."""
   bos, eos = tokenizer.bos_id, tokenizer.eos_id
 
   def tokenize(text: str) -> dict[str, np.ndarray] | None:
@@ -172,9 +173,8 @@ def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int,
             "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
 
   shuffled = grain.MapDataset.source(docs).shuffle(seed).repeat()
-  rows = global_batch // process_count
   streams = []
-  for j in range(process_index * rows, (process_index + 1) * rows):
+  for j in rows or range(global_batch):
     # Streams are read synchronously: one prefetch thread below serves all of them.
     stream = shuffled[j::global_batch].map(tokenize).filter(lambda x: x is not None).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     stream = gx.ConcatThenSplitIterDataset(stream, length_struct={"inputs": seq_len, "targets": seq_len})

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm import config, data, flops, metrics, sharding
-from lm.checkpoint import Checkpoints, UnreadableCheckpoint, file_digest
+from lm import config, data, distributed, flops, metrics, sharding
+from lm.checkpoint import Checkpoints, UnreadableCheckpoint, file_digest, open_run
 from lm.config import Config, ConfigError
 from lm.tokenizer import Tokenizer, train as train_tokenizer
 from lm.train import Steps, TrainState
@@ -48,7 +48,7 @@ def prepare_workdir(path: str | Path) -> Path:
   workdir = Path(path)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write-test"
+    probe = workdir / f".write-test-{jax.process_index()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
@@ -89,16 +89,10 @@ def parse_init_from(spec: str) -> tuple[Path, int | None]:
 
 def init_from_run(spec: str) -> tuple[Checkpoints, int, dict[str, Any]]:
   """The other run's checkpoints, the chosen step and its description."""
-  path, step = parse_init_from(spec)
-  if not (path / "checkpoints").is_dir():
-    raise ConfigError(f"--init-from '{spec}': '{path}' has no checkpoints/ directory")
-  other = Checkpoints(path / "checkpoints", read_only=True)
-  steps = other.steps()
-  if not steps or (step is not None and step not in steps):
-    other.close()
-    raise ConfigError(f"--init-from '{spec}': no checkpoint at step {step}; available: {steps}")
-  step = steps[-1] if step is None else step
-  return other, step, other.meta(step)
+  try:
+    return open_run(*parse_init_from(spec))
+  except ConfigError as e:
+    raise ConfigError(f"--init-from {spec}: {e}") from None
 
 
 def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], workdir: Path, step: int) -> None:
@@ -173,6 +167,7 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   train_docs, val_docs = data.split(cfg.data)
   tokenizer = tokenizer_for(cfg, workdir, train_docs, Path(source[2]["tokenizer"]["path"]) if source else None)
   resolve_vocab(cfg, tokenizer)
+  distributed.check_same_config(config.to_dict(cfg))
   if source is not None and (changes := model_changes(source[2]["config"], cfg)):
     raise ConfigError(f"--init-from {init_from}: the model differs from that run's ({'; '.join(changes)})")
   if lead:
@@ -181,8 +176,7 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
           "tokenizer": {"path": str(tokenizer.path.absolute()), "sha256": file_digest(tokenizer.path)}}
 
   steps = Steps(cfg, mesh)
-  stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, process_index=jax.process_index(),
-                process_count=jax.process_count())
+  stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=cfg.data.shuffle_window, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
   say = writer.say

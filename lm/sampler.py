@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lm import config, sharding
-from lm.checkpoint import Checkpoints
+from lm.checkpoint import open_run
 from lm.config import Config, ConfigError
 from lm.tokenizer import Tokenizer
 from lm.train import abstract_model, param_shardings
@@ -86,19 +87,8 @@ class Sampler:
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
     mesh it was trained on. The default mesh shards parameters over all devices (`fsdp`)."""
     workdir = Path(workdir)
-    if not (workdir / "checkpoints").is_dir():
-      raise ConfigError(f"work directory '{workdir}' has no checkpoints/; train there first")
-    ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
-    steps = ckpts.steps()
-    if not steps:
-      raise ConfigError(f"work directory '{workdir}' has no complete checkpoint")
-    if step is not None and step not in steps:
-      raise ConfigError(f"work directory '{workdir}' has no checkpoint at step {step}; available: {steps}")
-    step = steps[-1] if step is None else step
-    meta = ckpts.meta(step)
-    cfg = config.load(None, [])
-    for key, value in config.flatten(meta["config"]).items():
-      config.set_key(cfg, key, value)
+    ckpts, step, meta = open_run(workdir, step)
+    cfg = config.from_dict(meta["config"])
     saved_rules = cfg.mesh.rules
     cfg.mesh = mesh_cfg or config.MeshConfig(data=1, fsdp=-1, tensor=1)
     cfg.mesh.rules = saved_rules
@@ -118,8 +108,14 @@ class Sampler:
     bos = self.tokenizer.bos_id
     return ([bos] if bos >= 0 else []) + self.tokenizer.encode(prompt)
 
-  def _prefill_fn(self, params, tokens_BxP, lengths_B, keys_B, temperature, top_k, top_p, cache_len):
+  def _rows(self, x: np.ndarray) -> jax.Array:
+    """A batch-sharded global array from a host array that every process holds whole."""
+    rows = sharding.named(self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules)
+    return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
+
+  def _prefill_fn(self, params, tokens_BxP, lengths_B, key_data_B, temperature, top_k, top_p, cache_len):
     B, Pn = tokens_BxP.shape
+    keys_B = jax.random.wrap_key_data(key_data_B)
     model = nnx.merge(self.graphdef, params)
     segments = (jnp.arange(Pn)[None] < lengths_B[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(Pn), (B, Pn))
@@ -133,9 +129,10 @@ class Sampler:
                             temperature, top_k, top_p)
     return cache, token, logprob
 
-  def _decode_fn(self, params, cache, token_B, logprob_B, lengths_B, keys_B, temperature, top_k, top_p,
+  def _decode_fn(self, params, cache, token_B, logprob_B, lengths_B, key_data_B, temperature, top_k, top_p,
                  stop_ids, steps):
     model = nnx.merge(self.graphdef, params)
+    keys_B = jax.random.wrap_key_data(key_data_B)
     S = cache[0].shape[2]
     prompt_slots = S - steps
     visible_BxS = jnp.arange(S)[None] < lengths_B[:, None]
@@ -204,8 +201,7 @@ class Sampler:
     base = jax.random.key(seed)
     keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, i), j) for i, j in jobs]
                      + [base] * (rows - len(jobs)))
-    tokens_d, lengths_d, keys_d = (jax.device_put(x, sharding.named(self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules))
-                                   for x in (tokens, lengths, keys))
+    tokens_d, lengths_d, keys_d = (self._rows(x) for x in (tokens, lengths, np.asarray(jax.random.key_data(keys))))
     knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     args = (self.params, tokens_d, lengths_d, keys_d, *knobs)
     prefill, decode = self._functions(rows, prompt_len, steps, args)
@@ -213,7 +209,7 @@ class Sampler:
     cache, token, logprob = jax.block_until_ready(prefill(*args))
     mid = time.perf_counter()
     _, ids, lps = decode(self.params, cache, token, logprob, lengths_d, keys_d, *knobs, jnp.asarray(stops, jnp.int32))
-    ids, lps = jax.device_get((ids, lps))
+    ids, lps = multihost_utils.process_allgather((ids, lps), tiled=True)
     end = time.perf_counter()
     t = self.timing
     t.prefill_tokens += int(lengths.sum())

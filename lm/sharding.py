@@ -63,6 +63,15 @@ def check_batch(batch_size: int, mesh: Mesh, rules: dict[str, list[str]], what: 
     raise ConfigError(f"{what}={batch_size} is not divisible by the process count {jax.process_count()}")
 
 
+def local_rows(batch_sharding: NamedSharding, global_batch: int) -> range:
+  """The rows of a global batch that this process's devices hold; they must be contiguous."""
+  spans = {idx[0].indices(global_batch)[:2] for idx in batch_sharding.addressable_devices_indices_map((global_batch, 1)).values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ConfigError(f"process {jax.process_index()} holds rows {sorted(spans)} of the batch, not one contiguous block; reorder mesh axes so the batch axes lead")
+  return range(start, stop)
+
+
 _ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules", default=None)
 
 

@@ -105,7 +105,7 @@ def test_process_shares_make_up_the_global_batch(tmp_path, tok):
   docs = data.open_source(str(tmp_path / "txt"))
   kw = dict(seq_len=32, global_batch=4, seed=1, shuffle_window=4)
   whole = [next(it) for it in [iter(data.batches(docs, tok, **kw))] for _ in range(3)]
-  halves = [iter(data.batches(docs, tok, process_index=p, process_count=2, **kw)) for p in range(2)]
+  halves = [iter(data.batches(docs, tok, rows=rows, **kw)) for rows in (range(0, 2), range(2, 4))]
   for step in range(3):
     parts = [next(h) for h in halves]
     for k in whole[step]:

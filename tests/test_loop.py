@@ -10,7 +10,7 @@ from tests.conftest import run_trainer
 
 @pytest.mark.slow
 def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
-  out = run_trainer(tmp_path / "run")
+  out = run_trainer(tmp_path / "run", "--sample-prompt=def ")
   assert out.returncode == 0, out.stderr
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "loss" in r]
@@ -27,6 +27,7 @@ def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
   assert list((run / "tensorboard").glob("events.out.tfevents.*"))
   assert "vocab_size: 512" in (run / "config.yaml").read_text()  # resolved from the trained tokenizer
   assert "step 60 | loss" in out.stdout
+  assert "\nsample (" in out.stdout and "\ndef " in out.stdout
 
 
 @pytest.mark.slow

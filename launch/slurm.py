@@ -1,0 +1,77 @@
+"""Run the trainer (or sampler) on a SLURM GPU cluster:
+python -m launch.slurm --nodes N --gpus-per-node G [--process-per node|gpu] [--dry-run] -- train|sample ARGS
+
+Writes a batch script that `srun`s one process per GPU (or one per node, owning all its GPUs) and
+submits it with `sbatch`. JAX reads the SLURM environment in `jax.distributed.initialize()`
+(LM_DISTRIBUTED=auto). `--dry-run` prints the script and what each rank would run instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.common import entry_command, python_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batch_script(nodes: int, gpus: int, per: str, command: list[str], job_name: str, time_limit: str) -> str:
+  tasks = gpus if per == "gpu" else 1
+  run = shlex.join(python_module(command))
+  return "\n".join([
+      "#!/bin/bash",
+      f"#SBATCH --job-name={job_name}",
+      f"#SBATCH --nodes={nodes}",
+      f"#SBATCH --ntasks-per-node={tasks}",
+      f"#SBATCH --gpus-per-node={gpus}",
+      f"#SBATCH --time={time_limit}",
+      "#SBATCH --signal=B:TERM@120  # a preemption notice: the trainer saves and exits 0",
+      "set -euo pipefail",
+      f"cd {shlex.quote(str(ROOT))}",
+      "export LM_DISTRIBUTED=auto",
+      f"srun --kill-on-bad-exit=1 {'--gpus-per-task=1 ' if per == 'gpu' else ''}{run}",
+      "",
+  ])
+
+
+def ranks(nodes: int, gpus: int, per: str, command: list[str]) -> list[str]:
+  """What each rank would run, with the SLURM variables JAX reads."""
+  tasks = gpus if per == "gpu" else 1
+  run = shlex.join(python_module(command))
+  lines = []
+  for rank in range(nodes * tasks):
+    visible = str(rank % tasks) if per == "gpu" else ",".join(map(str, range(gpus)))
+    lines.append(f"rank {rank}: node {rank // tasks} SLURM_PROCID={rank} SLURM_NTASKS={nodes * tasks} "
+                 f"SLURM_LOCALID={rank % tasks} CUDA_VISIBLE_DEVICES={visible} LM_DISTRIBUTED=auto {run}")
+  return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--nodes", type=int, required=True)
+  parser.add_argument("--gpus-per-node", type=int, default=8)
+  parser.add_argument("--process-per", choices=("gpu", "node"), default="gpu")
+  parser.add_argument("--job-name", default="lm")
+  parser.add_argument("--time", default="24:00:00")
+  parser.add_argument("--dry-run", action="store_true", help="print the script and each rank's command")
+  parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
+  args = parser.parse_args(argv)
+  try:
+    command = entry_command(args.command)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  script = batch_script(args.nodes, args.gpus_per_node, args.process_per, command, args.job_name, args.time)
+  if args.dry_run:
+    print(script)
+    print("\n".join(ranks(args.nodes, args.gpus_per_node, args.process_per, command)))
+    return 0
+  return subprocess.run(["sbatch"], input=script, text=True).returncode
+
+
+if __name__ == "__main__":
+  sys.exit(main())

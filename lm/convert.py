@@ -1,0 +1,265 @@
+"""Hugging Face Llama-family checkpoints to and from our runs.
+
+`from_hf` reads config.json, safetensors weights (one file or shards) and tokenizer.model, and writes a
+work directory as a fresh run would leave it at step 0. `to_hf` writes the files that
+`transformers.LlamaForCausalLM.from_pretrained` loads. Our rotary embedding rotates the two halves of
+each head like transformers' `rotate_half`, so q and k need no permutation; both RMSNorms multiply by
+the scale itself (not 1 + scale).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+from jax.sharding import SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lm import config, data
+from lm.checkpoint import Checkpoints, file_digest, open_run
+from lm.config import Config, ConfigError, ModelConfig, head_dim
+from lm.tokenizer import Tokenizer
+from lm.train import TrainState, abstract_model, decay_mask, optimizer
+
+FAMILIES = ("llama", "mistral")  # the model types whose every setting we can check and represent
+SHARD_BYTES = 2 << 30  # per exported file: each is built whole in memory before it is written
+# Tensors of layer i (under model.layers.i.): our name under blocks/, and how many leading axes of
+# ours are the input; 0: copied as is. torch Linear weights are [out, in], ours [in..., out...].
+LAYER = {
+    "input_layernorm.weight": ("attn_norm", 0),
+    "self_attn.q_proj.weight": ("wq", 1),
+    "self_attn.k_proj.weight": ("wk", 1),
+    "self_attn.v_proj.weight": ("wv", 1),
+    "self_attn.o_proj.weight": ("wo", 2),
+    "post_attention_layernorm.weight": ("mlp_norm", 0),
+    "mlp.gate_proj.weight": ("w_gate", 1),
+    "mlp.up_proj.weight": ("w_up", 1),
+    "mlp.down_proj.weight": ("w_down", 1),
+}
+Slot = tuple[str, int | None, int]  # our flat parameter name, layer (None: not stacked), input axes
+
+
+def _require(hf: dict[str, Any], key: str, where: Path) -> Any:
+  if hf.get(key) is None:
+    raise ConfigError(f"{where} has no '{key}'")
+  return hf[key]
+
+
+def _unsupported(hf: dict[str, Any], where: Path) -> None:
+  """Settings that would make our model compute something else fail here, naming the field."""
+  checks = [
+      ("model_type", hf.get("model_type") in FAMILIES, f"supported: {', '.join(FAMILIES)}"),
+      ("hidden_act", hf.get("hidden_act", "silu") == "silu", "valid: \"silu\" (our MLP is SwiGLU)"),
+      ("attention_bias", not hf.get("attention_bias"), "valid: false (our attention has no biases)"),
+      ("mlp_bias", not hf.get("mlp_bias"), "valid: false (our MLP has no biases)"),
+      ("sliding_window", hf.get("sliding_window") is None, "valid: null (we attend over the whole context)"),
+  ]
+  for field in ("rope_scaling", "rope_parameters"):  # transformers before and since v5
+    rope = hf.get(field) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    checks.append((field, rope_type == "default", "valid: null or rope_type \"default\" (plain rotary embeddings)"))
+  for field, ok, valid in checks:
+    if not ok:
+      raise ConfigError(f"{where}: {field}={json.dumps(hf.get(field))} is not supported; {valid}")
+
+
+def model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
+  """Our model settings for a Hugging Face config.json."""
+  _unsupported(hf, where)
+  d_model, heads = _require(hf, "hidden_size", where), _require(hf, "num_attention_heads", where)
+  rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+  # head_dim stays 0 where it is the derived value, so the config compares equal to one that omits it.
+  explicit_head_dim = hf.get("head_dim") or 0
+  return ModelConfig(
+      vocab_size=_require(hf, "vocab_size", where), num_layers=_require(hf, "num_hidden_layers", where),
+      d_model=d_model, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=0 if explicit_head_dim * heads == d_model else explicit_head_dim,
+      d_ff=_require(hf, "intermediate_size", where), max_seq_len=_require(hf, "max_position_embeddings", where),
+      rope_theta=float(rope_theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def hf_config(m: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+      "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.d_ff,
+      "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+      "num_key_value_heads": m.num_kv_heads, "head_dim": head_dim(m), "max_position_embeddings": m.max_seq_len,
+      "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": None,
+      "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+      "bos_token_id": tokenizer.bos_id if tokenizer.bos_id >= 0 else None,
+      "eos_token_id": tokenizer.eos_id if tokenizer.eos_id >= 0 else None,
+  }
+
+
+def slots(m: ModelConfig) -> dict[str, Slot]:
+  """Where each Hugging Face tensor lives among our parameters."""
+  out = {"model.embed_tokens.weight": ("embed", None, 0), "model.norm.weight": ("final_norm", None, 0)}
+  if not m.tie_embeddings:
+    out["lm_head.weight"] = ("unembed", None, 1)
+  for i in range(m.num_layers):
+    out |= {f"model.layers.{i}.{suffix}": (f"blocks/{name}", i, n_in) for suffix, (name, n_in) in LAYER.items()}
+  return out
+
+
+def torch_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
+  return shape if n_in == 0 else (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+
+
+def to_torch(x: np.ndarray, n_in: int) -> np.ndarray:
+  return x if n_in == 0 else np.ascontiguousarray(x.reshape(torch_shape(x.shape, n_in)[::-1]).T)
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+  index = hf_dir / "model.safetensors.index.json"
+  if index.is_file():
+    return [hf_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+  if (hf_dir / "model.safetensors").is_file():
+    return [hf_dir / "model.safetensors"]
+  raise ConfigError(f"'{hf_dir}' has neither model.safetensors nor model.safetensors.index.json; only safetensors weights are read")
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+  """Every tensor of every file, one at a time, as float32."""
+  # numpy has no bfloat16, the usual dtype of released weights; jax (on the host) has.
+  with jax.default_device(jax.devices("cpu")[0]):
+    for file in files:
+      with safe_open(file, framework="flax") as f:
+        for name in f.keys():
+          yield name, np.asarray(f.get_tensor(name), np.float32)
+
+
+def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
+  """Our parameters, filled one source tensor at a time into preallocated stacked float32 arrays.
+  Peak host memory: the float32 model plus two copies of the largest source tensor."""
+  _, abstract = abstract_model(m)
+  flat = {k: np.empty(v.shape, np.float32)
+          for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(abstract), sep="/").items()}
+  todo = slots(m)
+  for name, w in _tensors(_weight_files(hf_dir)):
+    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and m.tie_embeddings):
+      continue  # derived from rope_theta, or tied to the embedding: transformers ignores them too
+    if name not in todo:
+      raise ConfigError(f"{hf_dir}: tensor '{name}' has no place in our Llama model (biases and extra weights are not supported)")
+    key, layer, n_in = todo.pop(name)
+    target = flat[key] if layer is None else flat[key][layer]
+    if w.shape != (want := torch_shape(target.shape, n_in)):
+      raise ConfigError(f"{hf_dir}: tensor '{name}' has shape {list(w.shape)}; config.json implies {list(want)}")
+    target[...] = w if n_in == 0 else w.T.reshape(target.shape)
+  if todo:
+    raise ConfigError(f"{hf_dir}: tensor '{next(iter(todo))}' is missing ({len(todo)} of {len(slots(m))} missing)")
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _check_new(path: Path, what: str) -> None:
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise ConfigError(f"{what} '{path}' already exists and is not an empty directory; choose a new one")
+
+
+def run_config(m: ModelConfig, tokenizer: Tokenizer) -> Config:
+  cfg = Config(model=m)
+  cfg.tokenizer.vocab_size = tokenizer.vocab_size
+  cfg.train.seq_len = min(cfg.train.seq_len, m.max_seq_len)
+  config.validate(cfg)
+  return cfg
+
+
+def write_run(workdir: Path, cfg: Config, params: dict[str, Any], tokenizer: Path) -> None:
+  """What a fresh run would leave at step 0: the checkpoint (parameters, a fresh optimizer, the data
+  position, meta), tokenizer.model and config.yaml. Orbax deep-copies every host array it saves, the
+  zero moments included, so the save peaks at about 3.3 times the float32 model (measured: 1.38 GB
+  for a 415 MB model); a trainer's own save stages as much."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  shutil.copyfile(tokenizer, workdir / "tokenizer.model")
+  tok = Tokenizer(workdir / "tokenizer.model")
+  config.save(cfg, workdir / "config.yaml")
+  _, abstract = abstract_model(cfg.model)
+  tx = optimizer(cfg.train, decay_mask(abstract))
+  # A fresh AdamW state is all zeros: step counts and both moments.
+  opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, params))
+  state = TrainState(step=np.zeros((), np.int32), params=params, opt_state=opt_state)
+  meta = {"config": config.to_dict(cfg), "process_count": jax.process_count(),
+          "tokenizer": {"path": str(tok.path.absolute()), "sha256": file_digest(tok.path)}}
+  t = cfg.train
+  data_iter = iter(data.batches(data.split(cfg.data)[0], tok, seq_len=t.seq_len, global_batch=t.batch_size,
+                                seed=t.seed, shuffle_window=cfg.data.shuffle_window))
+  ckpts = Checkpoints(workdir / "checkpoints")
+  try:
+    ckpts.save(0, state, data_iter, meta)
+  finally:
+    ckpts.close()
+    data_iter.close()
+
+
+def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
+  """Converts a Hugging Face model directory into a new work directory; returns its config."""
+  hf_dir, workdir = Path(hf_dir), Path(workdir)
+  where = hf_dir / "config.json"
+  if not where.is_file():
+    raise ConfigError(f"'{hf_dir}' is not a Hugging Face model directory: it has no config.json")
+  _check_new(workdir, "work directory")
+  m = model_config(json.loads(where.read_text()), where)
+  if not (hf_dir / "tokenizer.model").is_file():
+    raise ConfigError(f"'{hf_dir}' has no tokenizer.model; we read sentencepiece tokenizers only")
+  tokenizer = Tokenizer(hf_dir / "tokenizer.model")
+  if tokenizer.vocab_size > m.vocab_size:
+    raise ConfigError(f"{tokenizer.path} has {tokenizer.vocab_size} pieces, more than {where}'s vocab_size={m.vocab_size}")
+  cfg = run_config(m, tokenizer)
+  write_run(workdir, cfg, read_params(hf_dir, m), tokenizer.path)
+  return cfg
+
+
+def write_tensors(out: Path, params: dict[str, Any], m: ModelConfig, shard_bytes: int) -> None:
+  """model.safetensors, or shards of at most `shard_bytes` (or one tensor) and their index. Peak
+  host memory beyond the parameters: one shard."""
+  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  where = slots(m)
+  shards, size = [[]], 0
+  for name, (key, layer, _) in where.items():
+    nbytes = (flat[key] if layer is None else flat[key][layer]).nbytes
+    if shards[-1] and size + nbytes > shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes
+  files = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+  for names, file in zip(shards, files):
+    tensors = {}
+    for name in names:
+      key, layer, n_in = where[name]
+      tensors[name] = to_torch(flat[key] if layer is None else flat[key][layer], n_in)
+    save_file(tensors, out / file, metadata={"format": "pt"})
+  if len(files) > 1:
+    index = {"metadata": {"total_size": sum(x.nbytes for x in flat.values())},
+             "weight_map": {name: file for names, file in zip(shards, files) for name in names}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_bytes: int = SHARD_BYTES) -> int:
+  """Writes a run's checkpoint (the newest, or `step`) as a new Hugging Face Llama directory; returns
+  the step."""
+  workdir, out = Path(workdir), Path(out)
+  _check_new(out, "output directory")
+  ckpts, step, meta = open_run(workdir, step)
+  cfg = config.from_dict(meta["config"])
+  host = SingleDeviceSharding(jax.devices("cpu")[0])  # exporting needs no accelerator memory
+  _, abstract = abstract_model(cfg.model)
+  targets = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=host), nnx.to_pure_dict(abstract))
+  params = ckpts.restore_params(step, targets)
+  ckpts.close()
+  tokenizer_path = Path(meta["tokenizer"]["path"])
+  tokenizer = Tokenizer(tokenizer_path if tokenizer_path.exists() else workdir / "tokenizer.model")
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(json.dumps(hf_config(cfg.model, tokenizer), indent=2))
+  shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+  write_tensors(out, params, cfg.model, shard_bytes)
+  return step

@@ -1,0 +1,66 @@
+"""Joining a multi-process job: one process per host (TPU VM, SLURM node or rank), or several
+simulated hosts on one machine (launch.local_cluster)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lm.config import ConfigError, flatten
+
+# Set by launch.local_cluster; on TPU pods and SLURM, LM_DISTRIBUTED=auto lets JAX read the cluster.
+COORDINATOR, NUM_PROCESSES, PROCESS_ID = "LM_COORDINATOR_ADDRESS", "LM_NUM_PROCESSES", "LM_PROCESS_ID"
+TIMEOUT_S = int(os.environ.get("LM_DISTRIBUTED_TIMEOUT", "120"))
+
+
+def initialize() -> None:
+  """Calls `jax.distributed.initialize` where the environment describes a multi-process job."""
+  if os.environ.get(COORDINATOR):
+    address, process = os.environ[COORDINATOR], int(os.environ[PROCESS_ID])
+    if process != 0 and not reachable(address, TIMEOUT_S):  # jax would abort the process instead
+      raise ConfigError(f"process {process}: could not reach coordinator {address} within {TIMEOUT_S}s")
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(os.environ[NUM_PROCESSES]),
+                               process_id=process, initialization_timeout=TIMEOUT_S)
+  elif os.environ.get("LM_DISTRIBUTED") == "auto":
+    jax.distributed.initialize()
+
+
+def reachable(address: str, timeout_s: float) -> bool:
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    try:
+      socket.create_connection((host, int(port)), timeout=1).close()
+      return True
+    except OSError:
+      time.sleep(0.2)
+  return False
+
+
+def check_same_config(settings: dict[str, Any]) -> None:
+  """Every process must run the same settings; the one that differs names its differences."""
+  if jax.process_count() == 1:
+    return
+  text = json.dumps(settings, sort_keys=True)
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
+  digests = multihost_utils.process_allgather(digest).reshape(-1)
+  odd = [p for p, d in enumerate(digests) if d != digests[0]]
+  if not odd:
+    return
+  reference = json.loads(bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(text.encode().ljust(1 << 16), np.uint8))).rstrip(b" ").decode())
+  mine = jax.process_index()
+  if mine in odd:
+    ours, theirs = flatten(settings), flatten(reference)
+    keys = [f"{k}: {theirs.get(k)!r} on process 0, {ours.get(k)!r} here" for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    raise ConfigError(f"process {mine} runs other settings than process 0: {'; '.join(keys)}")
+  raise ConfigError(f"process(es) {odd} run other settings than process 0; their logs name the keys")

@@ -1,0 +1,91 @@
+"""Several simulated hosts on this machine, through launch.local_cluster."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch.local_cluster import child_env, free_port
+from tests.conftest import ROOT, run_trainer, tiny_overrides
+
+pytestmark = pytest.mark.slow
+SETTINGS = tiny_overrides(**{"train.seq_len": 64, "train.steps": 8, "train.warmup_steps": 2, "log.every": 1,
+                             "eval.every": 4, "eval.steps": 2, "checkpoint.every": 4})
+
+
+def cluster(workdir: Path, *overrides: str, processes: int = 2, devices: int = 4) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "launch.local_cluster", "--processes", str(processes), "--devices-per-process",
+         str(devices), "--", "train", "--workdir", str(workdir), "--sample-prompt=", *SETTINGS, *overrides]
+  return subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def losses(workdir: Path) -> list[float]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [r["loss"] for r in sorted(rows, key=lambda r: r["step"]) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+  workdir = tmp_path_factory.mktemp("single") / "run"
+  out = run_trainer(workdir, *SETTINGS, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  assert out.returncode == 0, out.stderr
+  return workdir
+
+
+def test_two_processes_log_the_losses_of_one_process(single, tmp_path):
+  proc = cluster(tmp_path / "run", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr
+  assert len(losses(single)) == 8
+  np.testing.assert_allclose(losses(tmp_path / "run"), losses(single), atol=1e-5)
+  assert "[p0] step 8 | loss" in stdout and "[p1] step" not in stdout  # only process 0 logs
+  positions = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "8" / "data").glob("process_*"))
+  assert positions == ["process_0-of-2.json", "process_1-of-2.json"]  # each process saves its data position
+
+
+def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
+  workdir = tmp_path / "run"
+  proc = cluster(workdir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  deadline = time.monotonic() + 300
+  while not ((workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 2):
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr
+  stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert stopped < 8
+  proc = cluster(workdir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr
+  assert f"[p0] resumed from step {stopped}" in stdout
+  np.testing.assert_allclose(losses(workdir), losses(single), atol=1e-5)
+
+
+def test_processes_with_different_settings_fail_naming_the_process(tmp_path):
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "run"), *SETTINGS,
+                             f"train.steps={8 + p}"], cwd=ROOT, env=child_env(p, 2, 2, port), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
+  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [1, 1]
+  assert "error: process 1 runs other settings than process 0: train.steps: 8 on process 0, 9 here" in errors[1]
+  assert "error: process(es) [1] run other settings than process 0" in errors[0]
+
+
+def test_unreachable_coordinator_and_mesh_that_does_not_fit(tmp_path):
+  env = {**child_env(1, 2, 2, free_port()), "LM_DISTRIBUTED_TIMEOUT": "5"}
+  out = subprocess.run([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "run"), *SETTINGS],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert re.fullmatch(r"error: process 1: could not reach coordinator 127.0.0.1:\d+ within 5s", out.stderr.strip())
+  proc = cluster(tmp_path / "run", "mesh.data=3")
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 1
+  assert "[p0] error: mesh data=3 fsdp=1 tensor=1 needs 3 devices, but 8 are available" in stderr
