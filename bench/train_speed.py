@@ -52,8 +52,8 @@ def main() -> None:
   args = parser.parse_args()
   peak = flops.measure_matmul_peak()
   print(f"device: {jax.devices()[0].device_kind} | measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
-  print(f"| model | params | tokens/step | step (s) | tokens/s | GFLOP/s | MFU |")
-  print(f"|---|---|---|---|---|---|---|")
+  print("| model | params | tokens/step | step (s) | tokens/s | GFLOP/s | MFU |")
+  print("|---|---|---|---|---|---|---|")
   for name, (path, overrides) in SHAPES.items():
     cfg = config.load(path, overrides + ["mesh.data=1", "model.remat=none"])
     seconds = measure(cfg, args.repeats)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+
 ENTRY_POINTS = {"train": "launch.train", "sample": "launch.sample"}
 
 
-def entry_command(remainder: list[str]) -> list[str]:
-  """`-- train|sample ARGS` as `[train|sample, ARGS...]`; raises ValueError with a one-line reason."""
+def entry_command(parser: argparse.ArgumentParser, remainder: list[str]) -> list[str]:
+  """`-- train|sample ARGS` as `[train|sample, ARGS...]`; anything else exits 2 with one line."""
   command = remainder[1:] if remainder[:1] == ["--"] else remainder
   if not command or command[0] not in ENTRY_POINTS:
-    raise ValueError(f"after --, name one of {', '.join(ENTRY_POINTS)} and its arguments (got {' '.join(command) or 'nothing'})")
+    parser.exit(2, f"error: after --, name one of {', '.join(ENTRY_POINTS)} and its arguments (got {' '.join(command) or 'nothing'})\n")
   return command
 
 

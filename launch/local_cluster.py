@@ -50,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
   args = parser.parse_args(argv)
-  try:
-    command = entry_command(args.command)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  command = entry_command(parser, args.command)
   if args.processes < 1 or args.devices_per_process < 1:
     print(f"error: --processes={args.processes} and --devices-per-process={args.devices_per_process} must be at least 1", file=sys.stderr)
     return 2

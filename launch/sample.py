@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch-size", type=int, default=16, help="rows per compiled batch")
   parser.add_argument("--logprobs", action="store_true", help="add per-token log-probabilities")
+  parser.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
+                      help="also stop at this token id (repeatable; end-of-sequence always stops)")
   parser.add_argument("--output", help="write JSON lines here instead of standard output")
   args = parser.parse_args(argv)
   from absl import logging
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     completions = sampler.generate(
         prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
-        logprobs=args.logprobs)
+        logprobs=args.logprobs, stop_tokens=args.stop_token)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -60,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dry-run", action="store_true", help="print the script and each rank's command")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
   args = parser.parse_args(argv)
-  try:
-    command = entry_command(args.command)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  command = entry_command(parser, args.command)
   script = batch_script(args.nodes, args.gpus_per_node, args.process_per, command, args.job_name, args.time)
   if args.dry_run:
     print(script)

@@ -39,11 +39,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
   args = parser.parse_args(argv)
-  try:
-    command = entry_command(args.command)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  command = entry_command(parser, args.command)
   for cmd in commands(args.tpu, args.zone, args.project, command):
     if args.dry_run:
       print(shlex.join(cmd))

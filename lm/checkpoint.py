@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from lm.config import CheckpointConfig, ConfigError

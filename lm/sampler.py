@@ -27,6 +27,7 @@ from lm.tokenizer import Tokenizer
 from lm.train import abstract_model, param_shardings
 
 MIN_BUCKET = 16
+MAX_STOP_TOKENS = 8  # stop ids are padded to this many (with -1, never a token), so one compile serves all
 
 
 @dataclasses.dataclass
@@ -161,7 +162,8 @@ class Sampler:
       prefill = jax.jit(self._prefill_fn, static_argnames="cache_len").lower(*args, cache_len=prompt_len + steps).compile()
       cache, token, logprob = jax.eval_shape(functools.partial(self._prefill_fn, cache_len=prompt_len + steps), *args)
       decode = jax.jit(self._decode_fn, static_argnames="steps", donate_argnums=1).lower(
-          self.params, cache, token, logprob, *args[2:], jax.ShapeDtypeStruct((1,), jnp.int32), steps=steps).compile()
+          self.params, cache, token, logprob, *args[2:], jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32),
+          steps=steps).compile()
       self.compiled[key] = (prefill, decode)
       self.timing.compile_seconds += time.perf_counter() - start
     return self.compiled[key]
@@ -182,6 +184,8 @@ class Sampler:
       encoded.append(ids)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
     stops = sorted({*stop_tokens, self.tokenizer.eos_id} - {-1})
+    if len(stops) > MAX_STOP_TOKENS:
+      raise ConfigError(f"{len(stops)} stop tokens (end-of-sequence included); at most {MAX_STOP_TOKENS} are supported")
     out: list[Completion] = []
     for start in range(0, len(jobs), batch_size):
       out += self._batch(prompts, encoded, jobs[start:start + batch_size], max_new_tokens, temperature, top_k,
@@ -208,7 +212,8 @@ class Sampler:
     start = time.perf_counter()
     cache, token, logprob = jax.block_until_ready(prefill(*args))
     mid = time.perf_counter()
-    _, ids, lps = decode(self.params, cache, token, logprob, lengths_d, keys_d, *knobs, jnp.asarray(stops, jnp.int32))
+    stop_ids = jnp.asarray(stops + [-1] * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
+    _, ids, lps = decode(self.params, cache, token, logprob, lengths_d, keys_d, *knobs, stop_ids)
     ids, lps = multihost_utils.process_allgather((ids, lps), tiled=True)
     end = time.perf_counter()
     t = self.timing

@@ -22,6 +22,18 @@ def shared_data() -> Path:
   return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+  """A 512-piece BPE tokenizer trained on a ninth of the built-in corpus."""
+  from lm import data
+  from lm.config import TokenizerConfig
+  from lm.tokenizer import train
+
+  docs = data.TextFiles(data.stdlib_files())
+  return train((docs[i] for i in range(0, len(docs), 9)), TokenizerConfig(vocab_size=512, train_sentences=20000),
+               tmp_path_factory.mktemp("tokenizer") / "t.model")
+
+
 def tiny_overrides(**extra) -> list[str]:
   """A model small enough to compile and run in seconds."""
   base = {"model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 2,

@@ -14,9 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from lm import config
 from lm.checkpoint import Checkpoints
-from tests.conftest import ROOT, run_trainer, tiny_overrides, trainer_command
+from tests.conftest import ROOT, run_trainer, trainer_command
 
 pytestmark = pytest.mark.slow
 STEPS = ["train.steps=12", "log.every=1", "eval.every=6", "checkpoint.every=6"]
@@ -180,3 +179,9 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
   out = run_trainer(tmp_path / "file" / "run")
   assert out.returncode == 1
   assert out.stderr.strip() == f"error: work directory '{tmp_path / 'file' / 'run'}' is not writable: Not a directory"
+
+
+def test_keeps_the_newest_k_and_every_m_th_checkpoint(tmp_path):
+  out = run_trainer(tmp_path / "run", "train.steps=9", "checkpoint.every=1", "checkpoint.keep=2", "checkpoint.keep_every=4")
+  assert out.returncode == 0, out.stderr
+  assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps() == [4, 8, 9]

@@ -20,7 +20,7 @@ from lm.checkpoint import Checkpoints
 from lm.config import ConfigError
 from lm.convert import from_hf, to_hf, write_run
 from lm.sampler import Sampler
-from lm.tokenizer import Tokenizer, train as train_tokenizer
+from lm.tokenizer import Tokenizer
 from lm.train import Steps, abstract_model
 from tests.conftest import run_trainer, tiny_overrides
 
@@ -29,14 +29,6 @@ FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
 # tests.conftest's tiny trainer model, so a converted one fine-tunes with the trainer's tiny settings.
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-  docs = data.TextFiles(data.stdlib_files())
-  return train_tokenizer((docs[i] for i in range(0, len(docs), 9)),
-                         config.TokenizerConfig(vocab_size=512, train_sentences=20000),
-                         tmp_path_factory.mktemp("tok") / "t.model")
 
 
 def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size="5GB", **settings):

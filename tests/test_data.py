@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 
 from lm import data
-from lm.config import ConfigError, DataConfig, TokenizerConfig
-from lm.tokenizer import Tokenizer, train
+from lm.config import ConfigError, DataConfig
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-  docs = data.TextFiles(data.stdlib_files())
-  return train((docs[i] for i in range(0, len(docs), 9)), TokenizerConfig(vocab_size=512, train_sentences=20000),
-               tmp_path_factory.mktemp("tok") / "t.model")
 
 
 def write_docs(folder, n=40):
@@ -79,10 +72,10 @@ def test_single_long_text_holds_out_its_tail(shared_data):
   assert len(train_docs) > 20  # cut into pieces so rows can be shuffled across the text
 
 
-def test_rows_pack_whole_documents_with_segments_and_positions(tmp_path, tok):
+def test_rows_pack_whole_documents_with_segments_and_positions(tmp_path, tokenizer):
   texts = write_docs(tmp_path / "txt", 12)
   docs = data.open_source(str(tmp_path / "txt"))
-  rows = next(iter(data.batches(docs, tok, seq_len=64, global_batch=2, seed=3)))
+  rows = next(iter(data.batches(docs, tokenizer, seq_len=64, global_batch=2, seed=3)))
   assert {k: v.shape for k, v in rows.items()} == {k: (2, 64) for k in ("inputs", "targets", "segment_ids", "positions")}
   recovered = []
   for r in range(2):
@@ -94,38 +87,38 @@ def test_rows_pack_whole_documents_with_segments_and_positions(tmp_path, tok):
       if pos[where][0] == 0:  # a document that starts in this row
         np.testing.assert_array_equal(pos[where], np.arange(where.sum()))
         ids = list(rows["inputs"][r][where]) + [int(rows["targets"][r][where][-1])]
-        assert ids[0] == tok.bos_id
-        if ids[-1] == tok.eos_id:
-          recovered.append(tok.decode(ids[1:-1]))
+        assert ids[0] == tokenizer.bos_id
+        if ids[-1] == tokenizer.eos_id:
+          recovered.append(tokenizer.decode(ids[1:-1]))
   assert recovered and set(recovered) <= set(texts)
 
 
-def test_process_shares_make_up_the_global_batch(tmp_path, tok):
+def test_process_shares_make_up_the_global_batch(tmp_path, tokenizer):
   write_docs(tmp_path / "txt", 30)
   docs = data.open_source(str(tmp_path / "txt"))
   kw = dict(seq_len=32, global_batch=4, seed=1, shuffle_window=4)
-  whole = [next(it) for it in [iter(data.batches(docs, tok, **kw))] for _ in range(3)]
-  halves = [iter(data.batches(docs, tok, rows=rows, **kw)) for rows in (range(0, 2), range(2, 4))]
+  whole = [next(it) for it in [iter(data.batches(docs, tokenizer, **kw))] for _ in range(3)]
+  halves = [iter(data.batches(docs, tokenizer, rows=rows, **kw)) for rows in (range(0, 2), range(2, 4))]
   for step in range(3):
     parts = [next(h) for h in halves]
     for k in whole[step]:
       np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[step][k])
 
 
-def test_iterator_state_restores_the_exact_position(tmp_path, tok):
+def test_iterator_state_restores_the_exact_position(tmp_path, tokenizer):
   write_docs(tmp_path / "txt", 30)
   docs = data.open_source(str(tmp_path / "txt"))
   kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3)
-  it = iter(data.batches(docs, tok, **kw))
+  it = iter(data.batches(docs, tokenizer, **kw))
   for _ in range(7):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(5)]
-  resumed = iter(data.batches(docs, tok, **kw))
+  resumed = iter(data.batches(docs, tokenizer, **kw))
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
-  other_seed = next(iter(data.batches(docs, tok, **{**kw, "seed": 6})))
-  assert not np.array_equal(other_seed["inputs"], next(iter(data.batches(docs, tok, **kw)))["inputs"])
+  other_seed = next(iter(data.batches(docs, tokenizer, **{**kw, "seed": 6})))
+  assert not np.array_equal(other_seed["inputs"], next(iter(data.batches(docs, tokenizer, **kw)))["inputs"])

@@ -12,21 +12,11 @@ import pytest
 from flax import nnx
 
 from lm import config, sharding
-from lm import data
 from lm.config import ConfigError
 from lm.model import Transformer
 from lm.sampler import Sampler, choose
-from lm.tokenizer import train as train_tokenizer
 from lm.train import abstract_model
 from tests.conftest import ROOT, run_trainer, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-  docs = data.TextFiles(data.stdlib_files())
-  return train_tokenizer((docs[i] for i in range(0, len(docs), 9)),
-                         config.TokenizerConfig(vocab_size=512, train_sentences=20000),
-                         tmp_path_factory.mktemp("tok") / "t.model")
 
 
 def make_sampler(tokenizer, devices=None, mesh=("mesh.data=1", "mesh.fsdp=1")):
@@ -133,11 +123,12 @@ def test_seeds_samples_and_logprobs(tokenizer):
 def test_compiled_functions_are_reused(tokenizer):
   sampler = make_sampler(tokenizer)
   sampler.generate(["a b", "c"], max_new_tokens=6)
-  compiled, seconds = dict(sampler.compiled), sampler.timing.compile_seconds
+  first = sampler.compiled[(2, 16, 6)]
   sampler.generate(["other words", "x", "three"], max_new_tokens=6, temperature=0.7, top_p=0.9)  # 4 rows
-  sampler.generate(["other words", "x"], max_new_tokens=6, temperature=0.7, top_p=0.9)
+  seconds = sampler.timing.compile_seconds
+  sampler.generate(["other words", "x"], max_new_tokens=6, temperature=0.7, top_p=0.9)  # 2 rows again
   assert list(sampler.compiled) == [(2, 16, 6), (4, 16, 6)]
-  assert sampler.compiled[(2, 16, 6)] is compiled[(2, 16, 6)]
+  assert sampler.compiled[(2, 16, 6)] is first and sampler.timing.compile_seconds == seconds
 
 
 def test_input_errors(tokenizer):
@@ -166,6 +157,10 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
   assert [r["prompt"] for r in rows] == ["def f(x):", "import"]
   assert all(set(r) == {"prompt", "completion", "token_ids", "finish_reason"} for r in rows)
+  first = rows[0]["token_ids"][0]
+  stopped = subprocess.run(cmd[:-2] + ["--stop-token", str(first)], cwd=ROOT, capture_output=True, text=True, env=env)
+  assert json.loads(stopped.stdout.splitlines()[0]) | {"prompt": None} == \
+      {"prompt": None, "completion": "", "token_ids": [], "finish_reason": "stop"}
   # The same checkpoint, restored here onto a 2x2x2 mesh, against the naive decoder on one device.
   sampler = Sampler.from_workdir(run, mesh_cfg=config.MeshConfig(data=2, fsdp=2, tensor=2))
   assert sampler.params["blocks"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
