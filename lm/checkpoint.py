@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from lm.config import CheckpointConfig, ConfigError
@@ -21,6 +22,19 @@ ITEMS = ("params", "optimizer", "data", "meta")
 
 def file_digest(path: str | Path) -> str:
   return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_meta(settings: dict[str, Any], tokenizer: str | Path) -> dict[str, Any]:
+  """What every checkpoint says of its run: the resolved settings, the process count, and the
+  tokenizer's path and digest."""
+  return {"config": settings, "process_count": jax.process_count(),
+          "tokenizer": {"path": str(Path(tokenizer).absolute()), "sha256": file_digest(tokenizer)}}
+
+
+def run_tokenizer(workdir: str | Path, meta: dict[str, Any]) -> Path:
+  """The tokenizer a run was trained with: where it was then, else the copy in its work directory."""
+  path = Path(meta["tokenizer"]["path"])
+  return path if path.exists() else Path(workdir) / "tokenizer.model"
 
 
 class UnreadableCheckpoint(RuntimeError):

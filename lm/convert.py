@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lm import config, data
-from lm.checkpoint import Checkpoints, file_digest, open_run
+from lm.checkpoint import Checkpoints, open_run, run_meta, run_tokenizer
 from lm.config import Config, ConfigError, ModelConfig, head_dim
 from lm.tokenizer import Tokenizer
 from lm.train import TrainState, abstract_model, decay_mask, optimizer
@@ -186,8 +186,7 @@ def write_run(workdir: Path, cfg: Config, params: dict[str, Any], tokenizer: Pat
   # A fresh AdamW state is all zeros: step counts and both moments.
   opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, params))
   state = TrainState(step=np.zeros((), np.int32), params=params, opt_state=opt_state)
-  meta = {"config": config.to_dict(cfg), "process_count": jax.process_count(),
-          "tokenizer": {"path": str(tok.path.absolute()), "sha256": file_digest(tok.path)}}
+  meta = run_meta(config.to_dict(cfg), tok.path)
   t = cfg.train
   data_iter = iter(data.batches(data.split(cfg.data)[0], tok, seq_len=t.seq_len, global_batch=t.batch_size,
                                 seed=t.seed, shuffle_window=cfg.data.shuffle_window))
@@ -256,8 +255,7 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
   targets = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=host), nnx.to_pure_dict(abstract))
   params = ckpts.restore_params(step, targets)
   ckpts.close()
-  tokenizer_path = Path(meta["tokenizer"]["path"])
-  tokenizer = Tokenizer(tokenizer_path if tokenizer_path.exists() else workdir / "tokenizer.model")
+  tokenizer = Tokenizer(run_tokenizer(workdir, meta))
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(json.dumps(hf_config(cfg.model, tokenizer), indent=2))
   shutil.copyfile(tokenizer.path, out / "tokenizer.model")

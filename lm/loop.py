@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm import config, data, distributed, flops, metrics, sharding
-from lm.checkpoint import Checkpoints, UnreadableCheckpoint, file_digest, open_run
+from lm.checkpoint import Checkpoints, UnreadableCheckpoint, open_run, run_meta, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.tokenizer import Tokenizer, train as train_tokenizer
 from lm.train import Steps, TrainState
@@ -165,15 +165,15 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   if init_from and not ckpts.steps():
     source = init_from_run(init_from)
   train_docs, val_docs = data.split(cfg.data)
-  tokenizer = tokenizer_for(cfg, workdir, train_docs, Path(source[2]["tokenizer"]["path"]) if source else None)
+  inherited = run_tokenizer(parse_init_from(init_from)[0], source[2]) if source else None
+  tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited)
   resolve_vocab(cfg, tokenizer)
   distributed.check_same_config(config.to_dict(cfg))
   if source is not None and (changes := model_changes(source[2]["config"], cfg)):
     raise ConfigError(f"--init-from {init_from}: the model differs from that run's ({'; '.join(changes)})")
   if lead:
     config.save(cfg, workdir / "config.yaml")
-  meta = {"config": config.to_dict(cfg), "process_count": jax.process_count(),
-          "tokenizer": {"path": str(tokenizer.path.absolute()), "sha256": file_digest(tokenizer.path)}}
+  meta = run_meta(config.to_dict(cfg), tokenizer.path)
 
   steps = Steps(cfg, mesh)
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))

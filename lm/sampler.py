@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lm import config, sharding
-from lm.checkpoint import open_run
+from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.tokenizer import Tokenizer
 from lm.train import abstract_model, param_shardings
@@ -100,10 +100,7 @@ class Sampler:
                            nnx.to_pure_dict(abstract), shardings)
     params = ckpts.restore_params(step, targets)
     ckpts.close()
-    tokenizer_path = Path(meta["tokenizer"]["path"])
-    if not tokenizer_path.exists():
-      tokenizer_path = workdir / "tokenizer.model"
-    return cls(cfg, params, Tokenizer(tokenizer_path), mesh)
+    return cls(cfg, params, Tokenizer(run_tokenizer(workdir, meta)), mesh)
 
   def encode(self, prompt: str) -> list[int]:
     bos = self.tokenizer.bos_id
