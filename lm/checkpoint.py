@@ -13,6 +13,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lm.config import CheckpointConfig, ConfigError
@@ -83,6 +84,22 @@ class _DataPosition:
     self.iterator.start_prefetch()
 
 
+# Host (numpy) arrays are saved without orbax's defensive copy: only conversion saves them, and it
+# waits for the save, so the copy would just double its host memory. Parameters are saved without
+# compression for the same reason: zstd shrinks float32 weights by about a tenth, but tensorstore keeps
+# every compressed chunk until the save commits, a second copy of the model. (The optimizer's moments,
+# all zeros in a converted run, compress to nothing.)
+_ARRAY_TYPES = ocp.type_handlers.create_type_handler_registry(
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    (np.number, ocp.type_handlers.ScalarHandler()))
+
+
+def _arrays_restore(target: Any) -> ocp.args.PyTreeRestore:
+  """Into `target`'s shapes, dtypes and shardings (numpy arrays for numpy targets)."""
+  return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
 class Checkpoints:
   def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
     cfg = cfg or CheckpointConfig()
@@ -91,7 +108,8 @@ class Checkpoints:
         max_to_keep=None if read_only else cfg.keep or None, keep_period=cfg.keep_every or None,
         save_interval_steps=0 if read_only else 1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
-    handlers = {"params": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
+    handlers = {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=_ARRAY_TYPES, use_compression=False),
+                "optimizer": ocp.PyTreeCheckpointHandler(type_handler_registry=_ARRAY_TYPES),
                 "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
 
@@ -101,8 +119,8 @@ class Checkpoints:
   def save(self, step: int, state: Any, data_iter: Any, meta: dict[str, Any]) -> None:
     """Starts an asynchronous save; the previous one is finished first."""
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+        params=ocp.args.PyTreeSave(state.params),
+        optimizer=ocp.args.PyTreeSave({"step": state.step, "opt_state": state.opt_state}),
         data=grain.checkpoint.CheckpointSave(_DataPosition(data_iter).freeze()),
         meta=ocp.args.JsonSave(meta))
     self.manager.save(step, args=args, force=True)
@@ -115,14 +133,14 @@ class Checkpoints:
     saved position."""
     out = self._restore(
         step,
-        params=ocp.args.StandardRestore(abstract_state.params),
-        optimizer=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+        params=_arrays_restore(abstract_state.params),
+        optimizer=_arrays_restore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
         data=grain.checkpoint.CheckpointRestore(_DataPosition(data_iter)))
     return abstract_state.replace(params=out["params"], step=out["optimizer"]["step"],
                                   opt_state=out["optimizer"]["opt_state"])
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
-    return self._restore(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+    return self._restore(step, params=_arrays_restore(abstract_params))["params"]
 
   def _restore(self, step: int, **items: Any) -> dict[str, Any]:
     try:

@@ -30,6 +30,10 @@ class ModelConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   remat: str = "none"  # none | full | save_matmuls
+  # splash: the Pallas TPU kernel where it applies (sequences a multiple of 128, heads that split
+  # evenly; interpreted off TPU, for tests); cudnn: cuDNN flash attention on NVIDIA GPUs in bfloat16;
+  # xla (and the fallback of both): scores materialized. auto: splash on TPU, cudnn on GPU.
+  attention: str = "auto"  # auto | xla | splash | cudnn
   init_std: float = 0.02
 
 
@@ -118,6 +122,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "save_matmuls"),
+    "model.attention": ("auto", "xla", "splash", "cudnn"),
     "tokenizer.model_type": ("bpe", "unigram", "char"),
 }
 

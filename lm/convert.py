@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx, traverse_util
-from jax.sharding import SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -128,18 +127,16 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 
 
 def _tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-  """Every tensor of every file, one at a time, as float32."""
-  # numpy has no bfloat16, the usual dtype of released weights; jax (on the host) has.
-  with jax.default_device(jax.devices("cpu")[0]):
-    for file in files:
-      with safe_open(file, framework="flax") as f:
-        for name in f.keys():
-          yield name, np.asarray(f.get_tensor(name), np.float32)
+  """Every tensor of every file, one at a time, as float32 (bfloat16 arrives through ml_dtypes)."""
+  for file in files:
+    with safe_open(file, framework="numpy") as f:
+      for name in f.keys():
+        yield name, f.get_tensor(name).astype(np.float32, copy=False)
 
 
 def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
   """Our parameters, filled one source tensor at a time into preallocated stacked float32 arrays.
-  Peak host memory: the float32 model plus two copies of the largest source tensor."""
+  Peak host memory: the float32 model plus the largest source tensor, twice if it is not float32."""
   _, abstract = abstract_model(m)
   flat = {k: np.empty(v.shape, np.float32)
           for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(abstract), sep="/").items()}
@@ -153,7 +150,10 @@ def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
     target = flat[key] if layer is None else flat[key][layer]
     if w.shape != (want := torch_shape(target.shape, n_in)):
       raise ConfigError(f"{hf_dir}: tensor '{name}' has shape {list(w.shape)}; config.json implies {list(want)}")
-    target[...] = w if n_in == 0 else w.T.reshape(target.shape)
+    if n_in == 0:
+      target[...] = w
+    else:  # torch's [out, in] into a 2-D view of our [in..., out...]: no transposed copy
+      target.reshape(w.shape[::-1])[...] = w.T
   if todo:
     raise ConfigError(f"{hf_dir}: tensor '{next(iter(todo))}' is missing ({len(todo)} of {len(slots(m))} missing)")
   return traverse_util.unflatten_dict(flat, sep="/")
@@ -174,9 +174,8 @@ def run_config(m: ModelConfig, tokenizer: Tokenizer) -> Config:
 
 def write_run(workdir: Path, cfg: Config, params: dict[str, Any], tokenizer: Path) -> None:
   """What a fresh run would leave at step 0: the checkpoint (parameters, a fresh optimizer, the data
-  position, meta), tokenizer.model and config.yaml. Orbax deep-copies every host array it saves, the
-  zero moments included, so the save peaks at about 3.3 times the float32 model (measured: 1.38 GB
-  for a 415 MB model); a trainer's own save stages as much."""
+  position, meta), tokenizer.model and config.yaml. Saving adds no host copy of `params` (see
+  lm.checkpoint), and the zero moments are never written to, so their pages stay unallocated."""
   workdir.mkdir(parents=True, exist_ok=True)
   shutil.copyfile(tokenizer, workdir / "tokenizer.model")
   tok = Tokenizer(workdir / "tokenizer.model")
@@ -219,7 +218,7 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
 def write_tensors(out: Path, params: dict[str, Any], m: ModelConfig, shard_bytes: int) -> None:
   """model.safetensors, or shards of at most `shard_bytes` (or one tensor) and their index. Peak
   host memory beyond the parameters: one shard."""
-  flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  flat = traverse_util.flatten_dict(params, sep="/")
   where = slots(m)
   shards, size = [[]], 0
   for name, (key, layer, _) in where.items():
@@ -250,9 +249,9 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
   _check_new(out, "output directory")
   ckpts, step, meta = open_run(workdir, step)
   cfg = config.from_dict(meta["config"])
-  host = SingleDeviceSharding(jax.devices("cpu")[0])  # exporting needs no accelerator memory
   _, abstract = abstract_model(cfg.model)
-  targets = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=host), nnx.to_pure_dict(abstract))
+  # numpy targets restore as numpy arrays: no device memory, and no second host copy through jax.
+  targets = jax.tree.map(lambda v: np.empty(v.shape, v.dtype), nnx.to_pure_dict(abstract))
   params = ckpts.restore_params(step, targets)
   ckpts.close()
   tokenizer = Tokenizer(run_tokenizer(workdir, meta))

@@ -23,10 +23,11 @@ from lm.config import Config, ConfigError
 from lm.tokenizer import Tokenizer, train as train_tokenizer
 from lm.train import Steps, TrainState
 
-# Settings that may change when a run resumes: schedule, cadences, precision, remat and the mesh.
+# Settings that may change when a run resumes: schedule, cadences, precision, remat, the attention
+# kernel and the mesh.
 SAFE_CHANGES = ("train.steps", "train.learning_rate", "train.warmup_steps", "train.min_lr_ratio",
                 "train.weight_decay", "train.b1", "train.b2", "train.clip_norm", "train.z_loss",
-                "train.grad_accum", "model.dtype", "model.remat", "eval.", "checkpoint.", "log.", "mesh.")
+                "train.grad_accum", "model.dtype", "model.remat", "model.attention", "eval.", "checkpoint.", "log.", "mesh.")
 
 
 class TrainingError(RuntimeError):

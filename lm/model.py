@@ -9,8 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import splash
 from lm.config import ModelConfig, head_dim
-from lm.sharding import constrain
+from lm.sharding import constrain, platform
+
+Attention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v) -> out, BxLxNxH
 
 REMAT_POLICIES = {
     "full": None,
@@ -22,12 +25,12 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
 
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: jnp.dtype | None = None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   """Contracts the last `n_in` axes of x with the first `n_in` axes of w (cast to x's dtype) as one
   2-D matmul: XLA's CPU backend runs N-D dots about half as fast, and other backends do not mind."""
   lead, outs = x.shape[: x.ndim - n_in], w.shape[n_in:]
   k = math.prod(w.shape[:n_in])
-  y = jnp.dot(x.reshape(-1, k), w.astype(x.dtype).reshape(k, -1), preferred_element_type=out_dtype)
+  y = jnp.dot(x.reshape(-1, k), w.astype(x.dtype).reshape(k, -1))
   return y.reshape(*lead, *outs)
 
 
@@ -72,6 +75,24 @@ def causal_segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
   return causal_LxL & same_BxLxL
 
 
+def self_attention(cfg: ModelConfig, segment_ids_BxL: jax.Array) -> Attention:
+  """Causal attention within documents: a fused kernel where it applies (asked for, or by default on
+  its platform), else `attend`."""
+  kind = cfg.attention
+  if kind == "auto":
+    kind = {"tpu": "splash", "gpu": "cudnn"}.get(platform(), "xla")
+  if kind == "splash" and splash.applies(*segment_ids_BxL.shape, cfg.num_heads, cfg.num_kv_heads):
+    return lambda q, k, v: splash.attend(q, k, v, segment_ids_BxL)
+  # cuDNN's flash attention runs on NVIDIA GPUs, with half-precision heads of at most 128 in multiples of 8.
+  H = head_dim(cfg)
+  if kind == "cudnn" and platform() == "gpu" and cfg.dtype == "bfloat16" and H % 8 == 0 and H <= 128:
+    same_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=same_Bx1xLxL, is_causal=True,
+                                                        implementation="cudnn")
+  mask_BxLxL = causal_segment_mask(segment_ids_BxL)
+  return lambda q, k, v: attend(q, k, v, mask_BxLxL)
+
+
 class Block(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     D, N, K, H, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg), cfg.d_ff
@@ -104,9 +125,8 @@ class Block(nnx.Module):
     up = constrain(jax.nn.silu(dense(h, self.w_gate[...])) * dense(h, self.w_up[...]), ("batch", None, "mlp"))
     return constrain(x_BxLxD + dense(up, self.w_down[...]), ("batch", None, "embed_act"))
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxLxL: jax.Array) -> jax.Array:
-    q, k, v = self.qkv(x_BxLxD, positions_BxL)
-    return self.finish(x_BxLxD, attend(q, k, v, mask_BxLxL))
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, attention: Attention) -> jax.Array:
+    return self.finish(x_BxLxD, attention(*self.qkv(x_BxLxD, positions_BxL)))
 
 
 class Transformer(nnx.Module):
@@ -137,14 +157,16 @@ class Transformer(nnx.Module):
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
     # A table gathered whole avoids a gather across the vocab shards, which XLA can only do by replicating.
-    table_VxD = constrain(self.embed[...].astype(self.dtype), (None, "embed_act"))
+    table_VxD = constrain(self.embed[...].astype(self.dtype), (None, "embed"))
     x = jnp.take(table_VxD, tokens_BxL, axis=0)
     return constrain(x, ("batch", None, "embed_act"))
 
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
     h = rms_norm(x_BxLxD, self.final_norm[...], self.cfg.norm_eps)
     w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
-    logits = dense(h, w_DxV, out_dtype=jnp.float32)
+    # Written in the compute dtype, as MaxText does: the [B, L, vocab] buffer is the step's largest
+    # activation. The softmax and the loss read it in float32.
+    logits = dense(h, w_DxV).astype(jnp.float32)
     return constrain(logits, ("batch", None, "vocab"))
 
   def _layers(self, carry: Any, layer: Callable, per_layer: Any = None) -> tuple[Any, Any]:
@@ -166,18 +188,18 @@ class Transformer(nnx.Module):
       segment_ids_BxL = jnp.ones((B, L), jnp.int32)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
-    mask_BxLxL = causal_segment_mask(segment_ids_BxL)
-    x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x, _: (block(x, positions_BxL, mask_BxLxL), None))
+    attention = self_attention(self.cfg, segment_ids_BxL)
+    x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x, _: (block(x, positions_BxL, attention), None))
     return self.logits(x)
 
   def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array
               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Logits and every layer's keys and values, [layers, B, L, kv_heads, head_dim] each."""
-    mask_BxLxL = causal_segment_mask(segment_ids_BxL)
+    attention = self_attention(self.cfg, segment_ids_BxL)
 
     def layer(block, x, _):
       q, k, v = block.qkv(x, positions_BxL)
-      return block.finish(x, attend(q, k, v, mask_BxLxL)), (k, v)
+      return block.finish(x, attention(q, k, v)), (k, v)
 
     x, kv = self._layers(self.embed_tokens(tokens_BxL), layer)
     return self.logits(x), kv

@@ -151,8 +151,9 @@ class Sampler:
     (cache, *_), (tokens, logprobs, _) = jax.lax.scan(step, carry, jnp.arange(steps))
     return cache, tokens.T, logprobs.T  # the cache is returned so it is updated in its donated buffers
 
-  def _functions(self, rows: int, prompt_len: int, steps: int, args: tuple) -> tuple[Any, Any]:
-    """Compiled prefill and decode, cached per (rows, prompt bucket, new tokens)."""
+  def compiled_functions(self, rows: int, prompt_len: int, steps: int, args: tuple) -> tuple[Any, Any]:
+    """Compiled prefill and decode, cached per (rows, prompt bucket, new tokens); `args` are the
+    prefill's (arrays, or shapes with shardings when compiling ahead of time)."""
     key = (rows, prompt_len, steps)
     if key not in self.compiled:
       start = time.perf_counter()
@@ -205,7 +206,7 @@ class Sampler:
     tokens_d, lengths_d, keys_d = (self._rows(x) for x in (tokens, lengths, np.asarray(jax.random.key_data(keys))))
     knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     args = (self.params, tokens_d, lengths_d, keys_d, *knobs)
-    prefill, decode = self._functions(rows, prompt_len, steps, args)
+    prefill, decode = self.compiled_functions(rows, prompt_len, steps, args)
     start = time.perf_counter()
     cache, token, logprob = jax.block_until_ready(prefill(*args))
     mid = time.perf_counter()

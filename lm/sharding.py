@@ -85,6 +85,23 @@ def activation_rules(mesh: Mesh, rules: dict[str, list[str]]):
     _ACTIVATION_RULES.reset(token)
 
 
+def current() -> tuple[Mesh, dict[str, list[str]]] | None:
+  return _ACTIVATION_RULES.get()
+
+
+def platform() -> str:
+  """What the traced computation will run on: the mesh's devices (TPUs when compiling ahead of time
+  on a CPU), else the default backend."""
+  ctx = _ACTIVATION_RULES.get()
+  return ctx[0].devices.flat[0].platform if ctx else jax.default_backend()
+
+
+def shards(mesh: Mesh, entry: str | tuple[str, ...] | None) -> int:
+  """How many pieces one PartitionSpec entry cuts an axis into."""
+  names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+  return math.prod(mesh.shape[n] for n in names)
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   ctx = _ACTIVATION_RULES.get()
   if ctx is None:

@@ -100,37 +100,40 @@ class Steps:
     params = nnx.to_pure_dict(nnx.state(Transformer(self.cfg.model, nnx.Rngs(params=key))))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
-  def _sums(self, params: dict[str, Any], batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Summed NLL (plus z-loss) over real target tokens; padding has segment id 0."""
+  def _sums(self, params: dict[str, Any], batch: Batch, scale: jax.Array = 1.0
+            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Summed NLL (plus z-loss) over real target tokens, times `scale`; padding has segment id 0."""
     with sharding.activation_rules(self.mesh, self.rules):
       logits_BxLxV = nnx.merge(self.graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
     logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     nll_BxL = logz_BxL - jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     real_BxL = (batch["segment_ids"] != 0).astype(jnp.float32)
     nll = jnp.sum(nll_BxL * real_BxL)
-    objective = nll + self.cfg.train.z_loss * jnp.sum(logz_BxL**2 * real_BxL)
-    return objective, (nll, jnp.sum(real_BxL))
+    objective = nll
+    if self.cfg.train.z_loss:
+      objective += self.cfg.train.z_loss * jnp.sum(logz_BxL**2 * real_BxL)
+    return objective * scale, (nll, jnp.sum(real_BxL))
 
   def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    # The mean over the whole batch's tokens is taken inside the gradient: no pass over the gradients.
+    tokens = jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32)
+    scale = 1.0 / jnp.maximum(tokens, 1.0)
     grad_fn = jax.grad(self._sums, has_aux=True)
     A = self.cfg.train.grad_accum
     if A == 1:
-      grads, (nll, tokens) = grad_fn(state.params, batch)
+      grads, (nll, _) = grad_fn(state.params, batch, scale)
     else:
       # Row r of micro-batch i is global row r * A + i, so every device keeps its own rows.
       micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // A, A, *x.shape[1:]), 0, 1), batch)
 
       def accumulate(carry, mb):
-        grads, (nll, tokens) = grad_fn(state.params, jax.lax.with_sharding_constraint(mb, self.batch_sharding))
-        return jax.tree.map(jnp.add, carry, (grads, nll, tokens)), None
+        grads, (nll, _) = grad_fn(state.params, jax.lax.with_sharding_constraint(mb, self.batch_sharding), scale)
+        return jax.tree.map(jnp.add, carry, (grads, nll)), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-      (grads, nll, tokens), _ = jax.lax.scan(accumulate, zeros, micro)
-    denom = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+      (grads, nll), _ = jax.lax.scan(accumulate, (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(())), micro)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
+    metrics = {"loss": nll * scale, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
                "tokens": tokens}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

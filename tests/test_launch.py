@@ -50,25 +50,35 @@ def test_launchers_reject_an_unknown_entry_point():
     assert out.stderr.strip() == "error: after --, name one of train, sample and its arguments (got evaluate)"
 
 
-def aot_total_gb(out: str) -> float:
-  return float(re.search(r"total per chip\s+([\d.]+) GB", out).group(1))
+def aot_total(out: str, label: str = "total per chip") -> float:
+  """A memory figure from launch.aot's table, in bytes."""
+  number, unit = re.search(rf"^{label}\s+([\d.]+) (GB|MB)", out, re.M).groups()
+  return float(number) * (1e9 if unit == "GB" else 1e6)
 
 
 @pytest.mark.slow
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
-  small, large = launch("aot", *base, "train.batch_size=8"), launch("aot", *base, "train.batch_size=64")
+  small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")
+  large = launch("aot", *base, "train.batch_size=64", "--sample", "16,128,128")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
   assert "fits" in small.stdout and "implied MFU" in small.stdout
-  assert aot_total_gb(large.stdout) > aot_total_gb(small.stdout)
+  # model.attention=auto picks the kernel on TPU, for training and for the sampler's prefill
+  assert len(re.findall(r"^attention\s+splash kernel", small.stdout, re.M)) == 2
+  assert aot_total(large.stdout) > aot_total(small.stdout)
+  assert aot_total(large.stdout, "decode total per chip") > aot_total(small.stdout, "decode total per chip")
+  assert aot_total(large.stdout, "KV cache per chip") == pytest.approx(4 * aot_total(small.stdout, "KV cache per chip"), rel=0.05)
 
 
 def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v9-8")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: --topology 'v9-8' is not one of v4-N, v5e-N, v5p-N, v6e-N (for example v5e-16, v5p-8)"
+  out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128")
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: --sample '4,128' is not ROWS,PROMPT,NEW with three positive numbers (for example 16,1024,1024)"
   (tmp_path / "libtpu.py").write_text("raise ImportError('not installed')\n")
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", env={"PYTHONPATH": str(tmp_path)})
   assert out.returncode == 1

@@ -1,4 +1,5 @@
-"""The network against naive references: attention, rotary embedding, causality and packing."""
+"""The network against naive references: attention (ours and the splash kernel), rotary embedding,
+causality and packing."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm import config, sharding, splash
 from lm.config import ModelConfig
-from lm.model import Transformer, attend, rope
+from lm.model import Transformer, attend, causal_segment_mask, rope
 
 
 def small(**kw) -> ModelConfig:
@@ -38,6 +40,46 @@ def test_attention_matches_naive_per_head_loop():
   mask = rng.random((2, 7, 9)) < 0.7
   mask[..., 0] = True
   np.testing.assert_allclose(attend(q, k, v, jnp.asarray(mask)), naive_attention(q, k, v, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2 fsdp=2 tensor=2"])
+def test_splash_kernel_matches_attention_and_its_gradients(mesh):
+  """Packed documents, grouped-query heads; on a mesh, split over batch and heads by shard_map."""
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(4, 256, n, 16)), jnp.float32) for n in (4, 2, 2))
+  segments = jnp.asarray(np.sort(rng.integers(0, 3, (4, 256)), axis=1), jnp.int32)
+  mask = causal_segment_mask(segments)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+  ours = lambda q, k, v: attend(q, k, v, mask)
+  kernel = lambda q, k, v: splash.attend(q, k, v, segments)
+  if mesh:
+    cfg = config.load(None, [f"mesh.{setting}" for setting in mesh.split()])
+    kernel = jax.jit(sharding.activation_rules(sharding.make_mesh(cfg.mesh), cfg.mesh.rules)(kernel))
+  np.testing.assert_allclose(kernel(q, k, v), naive_attention(q, k, v, np.asarray(mask)), atol=1e-5)
+  for got, want in zip(jax.grad(loss(kernel), (0, 1, 2))(q, k, v), jax.grad(loss(ours), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_model_with_splash_attention_matches_model_with_ours():
+  tokens = jax.random.randint(jax.random.key(4), (2, 128), 0, 97)
+  segments = jnp.repeat(jnp.array([[1, 2], [1, 1]]), 64, axis=1)
+  positions = jnp.concatenate([jnp.arange(64), jnp.arange(64)])[None].repeat(2, 0)
+  xla, kernel = (Transformer(small(attention=kind, max_seq_len=128), nnx.Rngs(0)) for kind in ("xla", "splash"))
+  assert "pallas_call" in str(jax.make_jaxpr(kernel)(tokens, segments, positions))
+  assert "pallas_call" not in str(jax.make_jaxpr(xla)(tokens, segments, positions))
+  np.testing.assert_allclose(kernel(tokens, segments, positions), xla(tokens, segments, positions), atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on NVIDIA GPUs (JAX_PLATFORMS=cuda)")
+def test_model_with_cudnn_attention_matches_model_with_ours_on_gpu():
+  tokens = jax.random.randint(jax.random.key(5), (2, 128), 0, 97)
+  segments = jnp.repeat(jnp.array([[1, 2], [1, 1]]), 64, axis=1)
+  positions = jnp.broadcast_to(jnp.arange(128) % 64, (2, 128))
+  xla, cudnn = (Transformer(small(attention=kind, dtype="bfloat16", max_seq_len=128), nnx.Rngs(0))
+                for kind in ("xla", "cudnn"))
+  assert "cudnn" in jax.jit(cudnn).lower(tokens, segments, positions).as_text()
+  want = xla(tokens, segments, positions)
+  assert float(jnp.max(jnp.abs(cudnn(tokens, segments, positions) - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
 
 
 def test_rope_matches_complex_rotation():
