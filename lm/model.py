@@ -156,7 +156,8 @@ class Transformer(nnx.Module):
     return jnp.dtype(self.cfg.dtype)
 
   def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
-    # A table gathered whole avoids a gather across the vocab shards, which XLA can only do by replicating.
+    # Whole along the vocabulary (a lookup across vocab shards XLA can only do by replicating), but
+    # still split along the width: each chip looks up a slice of every row, then the rows are regrouped.
     table_VxD = constrain(self.embed[...].astype(self.dtype), (None, "embed"))
     x = jnp.take(table_VxD, tokens_BxL, axis=0)
     return constrain(x, ("batch", None, "embed_act"))
