@@ -60,26 +60,30 @@ def test_splash_kernel_matches_attention_and_its_gradients(mesh):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_model_with_splash_attention_matches_model_with_ours():
+def packed_rows() -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Two rows of 128 tokens: two documents of 64, and one of 128."""
   tokens = jax.random.randint(jax.random.key(4), (2, 128), 0, 97)
   segments = jnp.repeat(jnp.array([[1, 2], [1, 1]]), 64, axis=1)
-  positions = jnp.concatenate([jnp.arange(64), jnp.arange(64)])[None].repeat(2, 0)
+  positions = jnp.stack([jnp.arange(128) % 64, jnp.arange(128)])
+  return tokens, segments, positions
+
+
+def test_model_with_splash_attention_matches_model_with_ours():
+  inputs = packed_rows()
   xla, kernel = (Transformer(small(attention=kind, max_seq_len=128), nnx.Rngs(0)) for kind in ("xla", "splash"))
-  assert "pallas_call" in str(jax.make_jaxpr(kernel)(tokens, segments, positions))
-  assert "pallas_call" not in str(jax.make_jaxpr(xla)(tokens, segments, positions))
-  np.testing.assert_allclose(kernel(tokens, segments, positions), xla(tokens, segments, positions), atol=1e-5)
+  assert "pallas_call" in str(jax.make_jaxpr(kernel)(*inputs))
+  assert "pallas_call" not in str(jax.make_jaxpr(xla)(*inputs))
+  np.testing.assert_allclose(kernel(*inputs), xla(*inputs), atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on NVIDIA GPUs (JAX_PLATFORMS=cuda)")
 def test_model_with_cudnn_attention_matches_model_with_ours_on_gpu():
-  tokens = jax.random.randint(jax.random.key(5), (2, 128), 0, 97)
-  segments = jnp.repeat(jnp.array([[1, 2], [1, 1]]), 64, axis=1)
-  positions = jnp.broadcast_to(jnp.arange(128) % 64, (2, 128))
+  inputs = packed_rows()
   xla, cudnn = (Transformer(small(attention=kind, dtype="bfloat16", max_seq_len=128), nnx.Rngs(0))
                 for kind in ("xla", "cudnn"))
-  assert "cudnn" in jax.jit(cudnn).lower(tokens, segments, positions).as_text()
-  want = xla(tokens, segments, positions)
-  assert float(jnp.max(jnp.abs(cudnn(tokens, segments, positions) - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
+  assert "cudnn" in jax.jit(cudnn).lower(*inputs).as_text()
+  want = xla(*inputs)
+  assert float(jnp.max(jnp.abs(cudnn(*inputs) - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
 
 
 def test_rope_matches_complex_rotation():
