@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from lm import config
 from tests.conftest import ROOT
 
 
@@ -60,16 +61,18 @@ def aot_total(out: str, label: str = "total per chip") -> float:
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
   small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")
-  large = launch("aot", *base, "train.batch_size=64", "--sample", "16,128,128")
+  large = launch("aot", *base, "train.batch_size=64")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
   assert "fits" in small.stdout and "implied MFU" in small.stdout
+  assert aot_total(large.stdout) > aot_total(small.stdout)
   # model.attention=auto picks the kernel on TPU, for training and for the sampler's prefill
   assert len(re.findall(r"^attention\s+splash kernel", small.stdout, re.M)) == 2
-  assert aot_total(large.stdout) > aot_total(small.stdout)
-  assert aot_total(large.stdout, "decode total per chip") > aot_total(small.stdout, "decode total per chip")
-  assert aot_total(large.stdout, "KV cache per chip") == pytest.approx(4 * aot_total(small.stdout, "KV cache per chip"), rel=0.05)
+  m = config.load("configs/tiny.yaml").model  # keys and values of every layer, 4 rows x 256 slots, rows over 4 chips
+  cache = 2 * m.num_layers * 4 * 256 * m.num_kv_heads * (m.d_model // m.num_heads) * 4 / 4
+  assert aot_total(small.stdout, "KV cache per chip") == pytest.approx(cache, rel=0.01)
+  assert aot_total(small.stdout, "decode total per chip") > cache
 
 
 def test_aot_errors(tmp_path):
