@@ -1,9 +1,9 @@
 """Host memory of Hugging Face conversion: python -m bench.convert_memory [--layers N --width D]
 
 Writes a random Llama model in Hugging Face's layout (float32 safetensors shards), imports it with
-`lm-convert --from-hf` and exports it back with `--to-hf`, each in a fresh process, and prints each
-process's peak resident memory beyond what it held after its imports, as a multiple of the float32
-model. One copy of the model is the floor for both directions: the import fills our stacked arrays
+`lm-convert --from-hf` and exports it back with `--to-hf`, each in a fresh process, and prints how far
+each process's heap (anonymous memory) grew past what it held after its imports, as a multiple of the
+float32 model. One copy of the model is the floor for both directions: the import fills our stacked arrays
 before it writes them, the export restores them before it writes shards.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,8 @@ def peak(function: str, source: Path, target: Path) -> tuple[int, int, int]:
   """The process's anonymous (heap) memory after its imports and at its peak, polled every 2 ms, and
   the kernel's high-water mark of all its resident memory (which counts mapped file pages too)."""
   child = subprocess.Popen([sys.executable, "-c", MEASURE, function, str(source), str(target)],
-                           stdout=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
   base = int(child.stdout.readline())
   top = base
   while child.poll() is None:
@@ -105,6 +107,7 @@ def main() -> None:
   for name, base, top, hwm in rows:
     print(f"{name:<20} {base / 1e9:>15.2f} GB {top / 1e9:>7.2f} GB {(top - base) / 1e9:>6.2f} GB "
           f"{(top - base) / model_bytes:>8.2f} {hwm / 1e9:>10.2f} GB")
+
 
 if __name__ == "__main__":
   main()
