@@ -67,12 +67,14 @@ def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mas
   return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
 
 
+def same_document(segment_ids_BxL: jax.Array) -> jax.Array:
+  return segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+
+
 def causal_segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
   """Token l sees token s when s <= l and both belong to the same document."""
   L = segment_ids_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return causal_LxL & same_BxLxL
+  return jnp.tril(jnp.ones((L, L), bool)) & same_document(segment_ids_BxL)
 
 
 def self_attention(cfg: ModelConfig, segment_ids_BxL: jax.Array) -> Attention:
@@ -86,7 +88,7 @@ def self_attention(cfg: ModelConfig, segment_ids_BxL: jax.Array) -> Attention:
   # cuDNN's flash attention runs on NVIDIA GPUs, with half-precision heads of at most 128 in multiples of 8.
   H = head_dim(cfg)
   if kind == "cudnn" and platform() == "gpu" and cfg.dtype == "bfloat16" and H % 8 == 0 and H <= 128:
-    same_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+    same_Bx1xLxL = same_document(segment_ids_BxL)[:, None]
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=same_Bx1xLxL, is_causal=True,
                                                         implementation="cudnn")
   mask_BxLxL = causal_segment_mask(segment_ids_BxL)

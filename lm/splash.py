@@ -18,13 +18,13 @@ def applies(batch: int, seq_len: int, num_heads: int, num_kv_heads: int) -> bool
   evenly, and query heads that stay with their key/value heads when split."""
   if seq_len % BLOCKS[-1]:
     return False
-  mesh, rules = sharding.current() or (None, {})
-  if mesh is None:
+  if (context := sharding.current()) is None:
     return True
+  mesh, rules = context
   heads, kv_heads = sharding.spec(("heads",), rules), sharding.spec(("kv_heads",), rules)
   shards = sharding.shards(mesh, heads[0])
-  rows = sharding.shards(mesh, sharding.spec(("batch",), rules)[0])
-  return heads == kv_heads and num_heads % shards == 0 and num_kv_heads % shards == 0 and batch % rows == 0
+  return (heads == kv_heads and num_heads % shards == 0 and num_kv_heads % shards == 0
+          and batch % sharding.data_parallel_size(mesh, rules) == 0)
 
 
 def attend(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
