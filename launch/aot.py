@@ -20,22 +20,23 @@ from lm import config
 from lm.config import ConfigError, head_dim
 
 GIB = 1 << 30
-# family: (dense bf16 FLOP/s per chip, HBM bytes per chip, TensorCores per chip as named in "v5p-8", torus dims)
+# family: (HBM bytes per chip, TensorCores per chip as named in "v5p-8", torus dims); peak FLOP/s
+# come from lm.flops.PEAK_FLOPS["TPU " + family].
 CHIPS = {
-    "v4": (275e12, 32 * GIB, 2, 3),
-    "v5e": (197e12, 16 * GIB, 1, 2),
-    "v5p": (459e12, 95 * GIB, 2, 3),
-    "v6e": (918e12, 32 * GIB, 1, 2),
+    "v4": (32 * GIB, 2, 3),
+    "v5e": (16 * GIB, 1, 2),
+    "v5p": (95 * GIB, 2, 3),
+    "v6e": (32 * GIB, 1, 2),
 }
 
 
-def topology_shape(name: str) -> tuple[str, int, tuple[int, ...]]:
-  """`v5e-16` -> (family, chips, torus shape)."""
+def topology_shape(name: str) -> tuple[str, tuple[int, ...]]:
+  """`v5e-16` -> (family, torus shape)."""
   match = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name)
   if not match:
     raise ConfigError(f"--topology '{name}' is not one of v4-N, v5e-N, v5p-N, v6e-N (for example v5e-16, v5p-8)")
   family, count = match.group(1), int(match.group(2))
-  _, _, cores, ndim = CHIPS[family]
+  _, cores, ndim = CHIPS[family]
   chips = count // cores
   if chips < 1 or chips & (chips - 1) or count % cores:
     raise ConfigError(f"--topology '{name}': {family} slices come in powers of two of {'TensorCores' if cores > 1 else 'chips'}")
@@ -44,7 +45,7 @@ def topology_shape(name: str) -> tuple[str, int, tuple[int, ...]]:
     if math.prod(dims) >= chips:
       break
     dims[axis] *= 2
-  return family, chips, tuple(dims)
+  return family, tuple(dims)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   try:
     cfg = config.load(args.config, args.overrides)
-    family, _, dims = topology_shape(args.topology)
+    family, dims = topology_shape(args.topology)
     sample = sample_shape(args.sample) if args.sample else None
     if cfg.model.vocab_size == 0:
       raise ConfigError("model.vocab_size is 0; set it (the tokenizer is not loaded here)")
@@ -118,9 +119,8 @@ def per_chip(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def attention_row(*compiled) -> tuple[str, str]:
-  splash = any("tpu_custom_call" in c.as_text() for c in compiled)
-  return ("attention", "splash kernel" if splash else "xla (scores materialized)")
+def attention_row(compiled) -> tuple[str, str]:
+  return ("attention", "splash kernel" if "tpu_custom_call" in compiled.as_text() else "xla (scores materialized)")
 
 
 def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
@@ -128,11 +128,12 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   import jax.numpy as jnp
 
   from lm import sharding
-  from lm.flops import flops_per_token
+  from lm.flops import PEAK_FLOPS, flops_per_token
   from lm.model import count_params
   from lm.train import Steps
 
-  peak, hbm, cores, _ = CHIPS[family]
+  hbm, cores, _ = CHIPS[family]
+  peak = PEAK_FLOPS[f"TPU {family}"]
   sharding.check_batch(cfg.train.batch_size, mesh, cfg.mesh.rules)
   steps = Steps(cfg, mesh)
   B, L = cfg.train.batch_size, cfg.train.seq_len
@@ -178,7 +179,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   from lm.sampler import Sampler
   from lm.train import abstract_model, param_shardings
 
-  hbm = CHIPS[family][1]
+  hbm = CHIPS[family][0]
   rules = cfg.mesh.rules
   if prompt_len + new_tokens > cfg.model.max_seq_len:
     raise ConfigError(f"--sample: {prompt_len} + {new_tokens} tokens exceed model.max_seq_len={cfg.model.max_seq_len}")
@@ -192,10 +193,10 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
   args = (params, per_row(rows, prompt_len), per_row(rows), per_row(rows, key_words, dtype=jnp.uint32),
           scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
-  prefill, decode = Sampler(cfg, params, None, mesh).compiled_functions(rows, prompt_len, new_tokens, args)
+  sampler = Sampler(cfg, params, None, mesh)
+  prefill, decode = sampler.compiled_functions(rows, prompt_len, new_tokens, args)
   cache = 2 * cfg.model.num_layers * rows * (prompt_len + new_tokens) * cfg.model.num_kv_heads * head_dim(cfg.model)
-  cache_spec = sharding.spec(("layers", "batch", None, "kv_heads", None), rules)
-  cache_shards = math.prod(sharding.shards(mesh, entry) for entry in cache_spec)
+  cache_shards = math.prod(sharding.shards(mesh, entry) for entry in sampler.cache_sharding.spec)
   memory, fits = memory_rows(decode, hbm)
   return {"rows": [
       ("sampling", f"{rows} rows x ({prompt_len} prompt + {new_tokens} new) tokens"),
