@@ -19,12 +19,12 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+import jax
 import numpy as np
-from flax import nnx, traverse_util
-from safetensors.numpy import save_file
+from flax import nnx
 
 from lm import config, data
-from lm.convert import hf_config, slots, torch_shape
+from lm.convert import hf_config, write_tensors
 from lm.tokenizer import Tokenizer, train as train_tokenizer
 from lm.train import abstract_model
 
@@ -42,29 +42,14 @@ def field(status: str, name: str) -> int:
   return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(name + ":")) * 1024
 
 
-def write_hf(out: Path, m: config.ModelConfig, tokenizer: Tokenizer, shard_bytes: int = 2**30) -> int:
-  """A random model in Hugging Face's layout; returns its float32 size in bytes."""
+def write_hf(out: Path, m: config.ModelConfig, tokenizer: Tokenizer) -> int:
+  """A random model in Hugging Face's layout, in shards; returns its float32 size in bytes."""
   _, abstract = abstract_model(m)
-  shapes = {k: v.shape for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(abstract), sep="/").items()}
   rng = np.random.default_rng(0)
-  shards, shard, weight_map = [], {}, {}
-  for name, (key, layer, n_in) in slots(m).items():
-    shape = torch_shape(shapes[key][1:] if layer is not None else shapes[key], n_in)
-    shard[name] = rng.standard_normal(shape, np.float32) * 0.02
-    if sum(x.nbytes for x in shard.values()) >= shard_bytes:
-      shards.append(shard)
-      shard = {}
-  shards.append(shard)
-  total = 0
-  for i, tensors in enumerate(shards, 1):
-    file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-    save_file(tensors, out / file, metadata={"format": "pt"})
-    weight_map |= dict.fromkeys(tensors, file)
-    total += sum(x.nbytes for x in tensors.values())
-  (out / "model.safetensors.index.json").write_text(
-      json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+  params = jax.tree.map(lambda v: rng.standard_normal(v.shape, np.float32) * 0.02, nnx.to_pure_dict(abstract))
+  write_tensors(out, params, m, shard_bytes=2**30)
   (out / "config.json").write_text(json.dumps(hf_config(m, tokenizer)))
-  return total
+  return sum(x.nbytes for x in jax.tree.leaves(params))
 
 
 def peak(function: str, source: Path, target: Path) -> tuple[int, int, int]:
