@@ -42,7 +42,7 @@ def config_changes(saved: dict[str, Any], cfg: Config, keys: tuple[str, ...] | N
 
 
 def model_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
-  return [c for c in config_changes(saved, cfg, ("model.",)) if not c.startswith(("model.dtype", "model.remat"))]
+  return [c for c in config_changes(saved, cfg, ("model.",)) if not c.startswith(SAFE_CHANGES)]
 
 
 def prepare_workdir(path: str | Path) -> Path:
