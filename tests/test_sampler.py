@@ -72,12 +72,13 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
 def test_a_row_does_not_depend_on_the_other_rows(tokenizer):
   sampler = make_sampler(tokenizer)
   for knobs in (dict(), dict(temperature=1.0, top_k=50, seed=3)):
-    batched = sampler.generate(PROMPTS, max_new_tokens=10, **knobs)
+    batched = [c.token_ids for c in sampler.generate(PROMPTS, max_new_tokens=10, **knobs)]
     for i, prompt in enumerate(PROMPTS):
-      alone = sampler.generate([prompt], max_new_tokens=10, **knobs)[0]
-      if knobs:  # sampled rows draw from a key of (seed, prompt index, sample index)
-        alone = sampler.generate(PROMPTS[:i + 1], max_new_tokens=10, **knobs)[i]
-      assert alone.token_ids == batched[i].token_ids
+      # sampled rows draw from a key of (seed, prompt index, sample index): keep the prompt's index
+      alone = sampler.generate(PROMPTS[:i + 1] if knobs else [prompt], max_new_tokens=10, **knobs)[-1]
+      assert alone.token_ids == batched[i]
+    more = sampler.generate(PROMPTS + ["x = 1"], max_new_tokens=10, **knobs)  # the padding row made real
+    assert [c.token_ids for c in more[:len(PROMPTS)]] == batched
 
 
 def test_sampling_knobs():
