@@ -3,7 +3,7 @@ python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample RO
 
 Prints, per chip, the memory XLA's analysis gives (parameters, optimizer state, activations and
 temporaries), whether it fits the chip's HBM, XLA's FLOP count and estimated step time, and the
-tokens per second per chip and MFU they imply. With --sample it also compiles the sampler (prefill,
+MFU they imply (both count the layer scan's body once, so no tokens/s is derived from them). With --sample it also compiles the sampler (prefill,
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
 its memory per chip. Exits 1 when either does not fit.
 """
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--sample", metavar="ROWS,PROMPT,NEW", help="also compile the sampler for this batch")
   parser.add_argument("overrides", nargs="*")
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: several may run at once
   try:
@@ -161,7 +161,6 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
       ("XLA FLOPs per chip per step", f"{xla_flops / 1e12:.2f} TFLOP (the layer scan's body counted once)"),
       ("model FLOPs per chip per step", f"{model_flops / 1e12:.2f} TFLOP (6 x parameters + attention, all layers)"),
       ("XLA estimated step time", f"{seconds:.4f} s (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
-      ("implied tokens/s per chip", f"{B * L / n / seconds:,.0f} (same counting)" if seconds > 0 else "n/a"),
       ("implied MFU", f"{100 * xla_flops / seconds / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (XLA FLOPs / XLA time)"
        if seconds > 0 else "n/a"),
   ]

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="the new run (import) or the run to export")
   parser.add_argument("--step", type=int, help="checkpoint step to export (default: the newest)")
   parser.add_argument("--out", metavar="HF_DIR", help="a new directory for the Hugging Face files (export)")
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)
   if args.to_hf and not args.out:
     parser.error("--to-hf needs --out HF_DIR")
   if args.from_hf and (args.out or args.step is not None):

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="start from another run's parameters (fresh optimizer, step 0)")
   parser.add_argument("--sample-prompt", default="def ", help="printed with a sample after training ('' for none)")
   parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. train.steps=100")
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)
   import jax
   from absl import logging
 

@@ -4,53 +4,60 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import yaml
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 
 class ConfigError(ValueError):
   """A bad config key or value; the message is one line meant for the user."""
 
 
+Fraction = Annotated[float, pydantic.Field(ge=0.0, le=1.0)]
+Beta = Annotated[float, pydantic.Field(ge=0.0, lt=1.0)]
+
+
 @dataclasses.dataclass
 class ModelConfig:
-  vocab_size: int = 0  # 0: take it from the tokenizer
-  num_layers: int = 4
-  d_model: int = 256
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 0  # 0: d_model // num_heads
-  d_ff: int = 768
-  max_seq_len: int = 256
+  vocab_size: NonNegativeInt = 0  # 0: take it from the tokenizer
+  num_layers: PositiveInt = 4
+  d_model: PositiveInt = 256
+  num_heads: PositiveInt = 4
+  num_kv_heads: PositiveInt = 4
+  head_dim: NonNegativeInt = 0  # 0: d_model // num_heads
+  d_ff: PositiveInt = 768
+  max_seq_len: PositiveInt = 256
   dtype: str = "float32"
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-6
+  rope_theta: PositiveFloat = 10000.0
+  norm_eps: PositiveFloat = 1e-6
   tie_embeddings: bool = True
   remat: str = "none"  # none | full | save_matmuls
   # splash: the Pallas TPU kernel where it applies (sequences a multiple of 128, heads that split
   # evenly; interpreted off TPU, for tests); cudnn: cuDNN flash attention on NVIDIA GPUs in bfloat16;
   # xla (and the fallback of both): scores materialized. auto: splash on TPU, cudnn on GPU.
   attention: str = "auto"  # auto | xla | splash | cudnn
-  init_std: float = 0.02
+  init_std: NonNegativeFloat = 0.02
 
 
 @dataclasses.dataclass
 class TrainConfig:
-  steps: int = 1000
-  batch_size: int = 16  # global, in sequences
-  seq_len: int = 256
-  grad_accum: int = 1
-  learning_rate: float = 3e-3
-  warmup_steps: int = 100
-  min_lr_ratio: float = 0.1
-  weight_decay: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  clip_norm: float = 1.0
-  z_loss: float = 0.0
+  steps: PositiveInt = 1000
+  batch_size: PositiveInt = 16  # global, in sequences
+  seq_len: PositiveInt = 256
+  grad_accum: PositiveInt = 1
+  learning_rate: NonNegativeFloat = 3e-3
+  warmup_steps: NonNegativeInt = 100
+  min_lr_ratio: Fraction = 0.1
+  weight_decay: NonNegativeFloat = 0.1
+  b1: Beta = 0.9
+  b2: Beta = 0.95
+  clip_norm: PositiveFloat = 1.0
+  z_loss: NonNegativeFloat = 0.0
   seed: int = 0
 
 
@@ -67,8 +74,8 @@ class DataConfig:
 class TokenizerConfig:
   path: str = ""  # an existing sentencepiece .model; empty: train one into the workdir
   model_type: str = "bpe"  # bpe | unigram | char
-  vocab_size: int = 2048
-  train_sentences: int = 200000
+  vocab_size: PositiveInt = 2048  # for char: an upper bound
+  train_sentences: PositiveInt = 200000
 
 
 @dataclasses.dataclass
@@ -91,20 +98,20 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-  every: int = 200
-  steps: int = 8
+  every: NonNegativeInt = 200  # 0: at the last step only
+  steps: NonNegativeInt = 8  # 0: no evaluation
 
 
 @dataclasses.dataclass
 class CheckpointConfig:
-  every: int = 500
-  keep: int = 3  # the newest K checkpoints
-  keep_every: int = 0  # and every M-th step forever (0: none)
+  every: NonNegativeInt = 500  # 0: at the last step (and on a stop request) only
+  keep: PositiveInt = 3  # the newest K checkpoints
+  keep_every: NonNegativeInt = 0  # and every M-th step forever (0: none)
 
 
 @dataclasses.dataclass
 class LogConfig:
-  every: int = 10
+  every: NonNegativeInt = 10  # 0: at the last step only
 
 
 @dataclasses.dataclass
@@ -131,7 +138,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
   """Every dotted leaf key with its declared type."""
   keys = {}
   for f in dataclasses.fields(cls):
-    tp = typing.get_type_hints(cls)[f.name]
+    tp = typing.get_type_hints(cls, include_extras=True)[f.name]
     if dataclasses.is_dataclass(tp):
       keys.update(all_keys(tp, f"{prefix}{f.name}."))
     else:
@@ -143,7 +150,13 @@ def _type_name(tp: Any) -> str:
   return getattr(tp, "__name__", None) or str(tp)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+@functools.cache
+def _bounds(tp: Any) -> pydantic.TypeAdapter:
+  return pydantic.TypeAdapter(tp)
+
+
+def _coerce(key: str, value: Any, declared: Any) -> Any:
+  tp = typing.get_origin(declared) is Annotated and declared.__origin__ or declared
   origin = typing.get_origin(tp)
   ok = True
   if tp is bool:
@@ -167,6 +180,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
   if key in CHOICES and value not in CHOICES[key]:
     raise ConfigError(f"config key '{key}' is {value!r}; valid: {', '.join(CHOICES[key])}")
+  if declared is not tp:  # Annotated with bounds
+    try:
+      _bounds(declared).validate_python(value)
+    except pydantic.ValidationError as e:
+      raise ConfigError(f"config key '{key}' is {value!r}; it {e.errors()[0]['msg'].removeprefix('Input ')}") from None
   return value
 
 
@@ -182,7 +200,11 @@ def set_key(cfg: Config, key: str, value: Any, keys: dict[str, Any] | None = Non
     node = getattr(node, p)
   value = _coerce(key, value, keys[key])
   if isinstance(value, dict):  # rule tables merge, so one rule can be overridden alone
-    value = {**getattr(node, leaf), **value}
+    known = getattr(node, leaf)
+    for name in value.keys() - known.keys():
+      close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+      raise ConfigError(f"{key} has no logical axis '{name}'{f'; did you mean {close[0]}?' if close else ''} (valid: {', '.join(known)})")
+    value = {**known, **value}
   setattr(node, leaf, value)
 
 
@@ -232,6 +254,8 @@ def validate(cfg: Config) -> None:
       (t.batch_size % t.grad_accum == 0, f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"),
       (0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)"),
       (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+      *[(v == -1 or v >= 1, f"mesh.{k}={v} must be -1 (the remaining devices) or at least 1")
+        for k, v in (("data", cfg.mesh.data), ("fsdp", cfg.mesh.fsdp), ("tensor", cfg.mesh.tensor))],
   ]
   for ok, msg in checks:
     if not ok:

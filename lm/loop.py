@@ -9,6 +9,7 @@ import itertools
 import math
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,17 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
 
 
 def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
+  """0 takes the tokenizer's size; a larger vocabulary is padding (a converted model's, or rows rounded
+  up for sharding) that the data never uses."""
   if cfg.model.vocab_size == 0:
     cfg.model.vocab_size = tokenizer.vocab_size
-  elif cfg.model.vocab_size != tokenizer.vocab_size:
-    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's {tokenizer.vocab_size} ({tokenizer.path}); set it to 0 or {tokenizer.vocab_size}")
+  elif cfg.model.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ({tokenizer.path}); set it to 0 or at least {tokenizer.vocab_size}")
+
+
+def due(done: int, every: int) -> bool:
+  """Whether a cadence falls on this step; 0 never does (the last step is handled by the caller)."""
+  return every > 0 and done % every == 0
 
 
 def evaluate(steps: Steps, state: TrainState, val_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -110,7 +118,7 @@ class StopRequest:
 class StepLog:
   """Checks every step's loss and writes every `log.every`-th step's metrics, with the throughput since the last."""
 
-  def __init__(self, cfg: Config, writer: metrics.MetricsWriter, start: int, peak: float):
+  def __init__(self, cfg: Config, writer: metrics.MetricsWriter, start: int, peak: float | None):
     self.every, self.last = cfg.log.every, cfg.train.steps
     self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     self.flops_per_step = flops.flops_per_token(cfg.model, cfg.train.seq_len) * self.tokens_per_step
@@ -122,14 +130,15 @@ class StepLog:
     loss = float(step_metrics["loss"])
     if not math.isfinite(loss):
       raise TrainingError(f"loss became {loss} at step {done}; training stopped, nothing more was saved")
-    if done % self.every and done != self.last:
+    if not due(done, self.every) and done != self.last:
       return
     m = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "tokens"}
-    steps_done, elapsed = self.clock.lap(done)
-    m["tokens_per_sec"] = steps_done * self.tokens_per_step / elapsed
-    m["mfu"] = steps_done * self.flops_per_step / elapsed / self.peak
+    steps_done, seconds = self.clock.lap(done)
+    if steps_done:  # none when only the first step, with its compilation, ran since the last line
+      m["tokens_per_sec"] = steps_done * self.tokens_per_step / seconds
+      if self.peak:
+        m["mfu"] = steps_done * self.flops_per_step / seconds / self.peak
     self.writer.write(done, m)
-    self.clock.skip()
 
 
 class Saves:
@@ -197,11 +206,11 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited)
   resolve_vocab(cfg, tokenizer)
   distributed.check_same_config(config.to_dict(cfg))
-  if source is not None and (changes := resume.model_changes(source[2]["config"], cfg)):
-    raise ConfigError(f"--init-from {init_from}: the model differs from that run's ({'; '.join(changes)})")
+  meta = run_meta(config.to_dict(cfg), tokenizer.path)
+  if source is not None:
+    resume.check_init_from(init_from, source[2], cfg, meta)
   if lead:
     config.save(cfg, workdir / "config.yaml")
-  meta = run_meta(config.to_dict(cfg), tokenizer.path)
 
   steps = Steps(cfg, mesh)
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
@@ -214,7 +223,10 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   val_batches = validation_batches(cfg, val_docs, tokenizer, stream)
   writer.say(f"model {flops.count_params(cfg.model) / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
              f"vocab {tokenizer.vocab_size} | {t.batch_size}x{t.seq_len} tokens per step | step {start} of {t.steps}")
-  log = StepLog(cfg, writer, start, flops.peak_flops(mesh.devices.flatten().tolist()))
+  peak = flops.peak_flops(mesh.devices.flatten().tolist())
+  if peak is None:
+    writer.say(f"peak FLOP/s of {mesh.devices.flat[0].device_kind} is unknown (lm/flops.py PEAK_FLOPS); MFU is not reported")
+  log = StepLog(cfg, writer, start, peak)
   saves, stop = Saves(ckpts, meta), StopRequest()
   try:
     state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop)
@@ -231,24 +243,29 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
 def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_batches: list[dict[str, np.ndarray]],
           log: StepLog, saves: Saves, stop: StopRequest) -> TrainState:
   """Steps until `train.steps` or a stop request; each step's metrics are read while the next one runs."""
-  pending = None
-  for step in range(int(state.step), cfg.train.steps):
+  pending, start, began = None, int(state.step), time.perf_counter()
+  for step in range(start, cfg.train.steps):
     state, step_metrics = steps.train_step(state, steps.shard_batch(next(train_iter)))
+    done = step + 1
+    if step == start:  # compiles first: timed on its own, and left out of tokens/s
+      jax.block_until_ready(step_metrics)
+      log.writer.say(f"step {done} took {time.perf_counter() - began:.1f}s with its compilation (left out of tokens/s)")
+      log.clock.start(done)
     if pending is not None:
       log(*pending)
-    done = step + 1
     pending = (done, step_metrics)
     last, stopping = done == cfg.train.steps, stop.agreed()
-    evaluate_now = bool(val_batches) and (done % cfg.eval.every == 0 or last)
-    save_now = done % cfg.checkpoint.every == 0 or last or stopping
+    evaluate_now = bool(val_batches) and (due(done, cfg.eval.every) or last)
+    save_now = due(done, cfg.checkpoint.every) or last or stopping
     if evaluate_now or save_now:
       log(*pending)  # a NaN stops here, before anything is saved
       pending = None
+      log.clock.pause()
       if save_now:
         saves.save(done, state, train_iter)
       if evaluate_now:
         log.writer.write(done, evaluate(steps, state, val_batches))
-      log.clock.skip()
+      log.clock.start()
     if stopping:
       log.writer.say(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} at step {done}; checkpoint saved")
       break

@@ -37,8 +37,11 @@ class MetricsWriter:
   def show(self, step: int, metrics: dict[str, float]) -> None:
     parts = []
     if "loss" in metrics:
-      parts += [f"loss {metrics['loss']:.4f}", f"lr {metrics['learning_rate']:.2e}",
-                f"{metrics['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * metrics['mfu']:.1f}%"]
+      parts += [f"loss {metrics['loss']:.4f}", f"lr {metrics['learning_rate']:.2e}"]
+    if "tokens_per_sec" in metrics:
+      parts.append(f"{metrics['tokens_per_sec']:,.0f} tok/s")
+    if "mfu" in metrics:
+      parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
     if "val_loss" in metrics:
       parts += [f"val_loss {metrics['val_loss']:.4f}", f"val_ppl {metrics['val_perplexity']:.2f}"]
     if self.bar is not None:
@@ -59,21 +62,33 @@ class MetricsWriter:
 
 
 class StepClock:
-  """Steps and seconds between logged lines."""
+  """Seconds spent in training steps between logged lines. It runs only between `start` and `pause`:
+  evaluation, saving and the first step after a start (compilation) are left out."""
 
   def __init__(self, step: int):
-    self.since, self.step = time.perf_counter(), step
+    self.step, self.seconds, self.since = step, 0.0, None
+
+  def start(self, step: int | None = None) -> None:
+    """From now on; `step`: the steps before it are not timed."""
+    self.since = time.perf_counter()
+    if step is not None:
+      self.step, self.seconds = step, 0.0
+
+  def pause(self) -> None:
+    """Once every step dispatched so far has finished."""
+    if self.since is not None:
+      self.seconds += time.perf_counter() - self.since
+      self.since = None
 
   def lap(self, step: int) -> tuple[int, float]:
-    """Steps and seconds since the last lap, which starts the next."""
-    now = time.perf_counter()
-    steps, seconds = step - self.step, now - self.since
-    self.since, self.step = now, step
+    """Steps and seconds timed since the last lap; the clock keeps running."""
+    running = self.since is not None
+    self.pause()
+    steps, seconds = step - self.step, self.seconds
+    self.step, self.seconds = step, 0.0
+    if running:
+      self.start()
     return steps, seconds
-
-  def skip(self) -> None:
-    """Leaves the time until now out of the next lap."""
-    self.since = time.perf_counter()
 
 
 def row_step(line: str) -> int:

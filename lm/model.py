@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -79,20 +81,36 @@ def causal_segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
 
 def self_attention(cfg: ModelConfig, segment_ids_BxL: jax.Array) -> Attention:
   """Causal attention within documents: a fused kernel where it applies (asked for, or by default on
-  its platform), else `attend`."""
+  its platform), else `attend`, saying once why the kernel did not apply."""
   kind = cfg.attention
   if kind == "auto":
     kind = {"tpu": "splash", "gpu": "cudnn"}.get(platform(), "xla")
-  if kind == "splash" and splash.applies(*segment_ids_BxL.shape, cfg.num_heads, cfg.num_kv_heads):
-    return lambda q, k, v: splash.attend(q, k, v, segment_ids_BxL)
-  # cuDNN's flash attention runs on NVIDIA GPUs, with half-precision heads of at most 128 in multiples of 8.
+  B, L = segment_ids_BxL.shape
   H = head_dim(cfg)
-  if kind == "cudnn" and platform() == "gpu" and cfg.dtype == "bfloat16" and H % 8 == 0 and H <= 128:
-    same_Bx1xLxL = same_document(segment_ids_BxL)[:, None]
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=same_Bx1xLxL, is_causal=True,
-                                                        implementation="cudnn")
+  if kind == "splash":
+    if splash.applies(B, L, cfg.num_heads, cfg.num_kv_heads):
+      return lambda q, k, v: splash.attend(q, k, v, segment_ids_BxL)
+    fallback(kind, f"sequence length {L} is not a multiple of 128" if L % splash.BLOCKS[-1] else
+             "the mesh splits query heads, key/value heads or rows unevenly for it")
+  # cuDNN's flash attention runs on NVIDIA GPUs, with half-precision heads of at most 128 in multiples of 8.
+  if kind == "cudnn":
+    why = (f"it runs on NVIDIA GPUs, not {platform()}" if platform() != "gpu" else
+           f"it needs model.dtype=bfloat16, not {cfg.dtype}" if cfg.dtype != "bfloat16" else
+           f"head_dim {H} is not a multiple of 8 up to 128" if H % 8 or H > 128 else None)
+    if why is None:
+      same_Bx1xLxL = same_document(segment_ids_BxL)[:, None]
+      return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=same_Bx1xLxL, is_causal=True,
+                                                          implementation="cudnn")
+    fallback(kind, why)
   mask_BxLxL = causal_segment_mask(segment_ids_BxL)
   return lambda q, k, v: attend(q, k, v, mask_BxLxL)
+
+
+@functools.cache
+def fallback(kernel: str, reason: str) -> None:
+  """Said once per process and reason, however often the model is traced."""
+  if jax.process_index() == 0:
+    print(f"attention: {kernel} does not apply ({reason}); using XLA attention", flush=True)
 
 
 class Block(nnx.Module):

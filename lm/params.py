@@ -6,10 +6,10 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from lm import sharding
-from lm.config import ModelConfig
+from lm.config import ConfigError, ModelConfig
 from lm.model import Transformer
 
 
@@ -23,6 +23,23 @@ def logical_axes(abstract: nnx.State) -> dict[str, Any]:
                                        is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+# The setting behind each logical axis of the parameters, for errors.
+SIZE_KEYS = {"vocab": "model.vocab_size", "embed": "model.d_model", "heads": "model.num_heads",
+             "kv_heads": "model.num_kv_heads", "head_dim": "model.head_dim", "mlp": "model.d_ff",
+             "layers": "model.num_layers"}
+
+
 def param_shardings(abstract: nnx.State, mesh: Mesh, rules: dict[str, list[str]]) -> dict[str, Any]:
-  return jax.tree.map(lambda axes: sharding.named(mesh, axes, rules), logical_axes(abstract),
-                      is_leaf=lambda x: isinstance(x, tuple))
+  """Fails with one line, before anything compiles, where a mesh axis does not divide what it splits."""
+  shapes = nnx.to_pure_dict(abstract)
+
+  def named(axes: tuple[str, ...], var: Any) -> NamedSharding:
+    out = sharding.named(mesh, axes, rules)
+    for name, size, entry in zip(axes, var.shape, out.spec):
+      if size % (parts := sharding.shards(mesh, entry)):
+        over = entry if isinstance(entry, str) else " x ".join(entry)
+        raise ConfigError(f"{SIZE_KEYS.get(name, name)}={size} is not divisible by {parts}, the size of mesh axis "
+                          f"{over} that mesh.rules.{name} splits it over; change one of them")
+    return out
+
+  return jax.tree.map(named, logical_axes(abstract), shapes, is_leaf=lambda x: isinstance(x, tuple))

@@ -59,6 +59,15 @@ def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], wo
     raise ConfigError(f"{where}: it was saved by {saved['process_count']} processes, this run has {meta['process_count']}")
 
 
+def check_init_from(spec: str, saved: dict[str, Any], cfg: Config, meta: dict[str, Any]) -> None:
+  """Fails where the other run's parameters do not fit this model, or were trained with another tokenizer."""
+  if changes := model_changes(saved["config"], cfg):
+    raise ConfigError(f"--init-from {spec}: the model differs from that run's ({'; '.join(changes)})")
+  if saved["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
+    raise ConfigError(f"--init-from {spec}: tokenizer {meta['tokenizer']['path']} is not the one that run was trained "
+                      f"with ({saved['tokenizer']['path']}); leave tokenizer.path empty to take that one")
+
+
 def restore_newest(ckpts: Checkpoints, cfg: Config, meta: dict[str, Any], workdir: Path, abstract_state: Any,
                    data_iter: Any, say: Callable[[str], None]) -> Any | None:
   """The state of the newest readable checkpoint (and the data position it saved), or None where there is

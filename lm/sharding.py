@@ -28,7 +28,14 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def check_rules(rules: dict[str, list[str]]) -> None:
+  for name, axes in rules.items():
+    if unknown := [a for a in axes if a not in AXES]:
+      raise ConfigError(f"mesh.rules.{name} names mesh axis '{unknown[0]}'; mesh axes: {', '.join(AXES)}")
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  check_rules(cfg.rules)
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(cfg, len(devices))
   auto = (AxisType.Auto,) * len(AXES)  # shardings propagate through XLA; we pin the important ones

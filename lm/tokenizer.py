@@ -49,20 +49,35 @@ def _lines(docs: Iterable[str], limit: int) -> Iterator[str]:
           return
 
 
+SPECIAL_PIECES = 3 + 2  # <unk> <s> </s>, then newline and tab
+BYTE_PIECES = 256  # byte fallback
+
+
 def train(docs: Iterable[str], cfg: TokenizerConfig, path: str | Path) -> Tokenizer:
   """Trains on the documents' lines. Identity normalization, kept whitespace and byte fallback make
-  `decode(encode(text)) == text` for any text; newline and tab are pieces of their own."""
+  `decode(encode(text)) == text` for any text; newline and tab are pieces of their own. A char
+  vocabulary is sized to the text's characters, with `tokenizer.vocab_size` as its upper bound."""
+  lines = _lines(docs, cfg.train_sentences)
+  vocab_size = cfg.vocab_size
+  if cfg.model_type == "char":
+    lines = list(lines)
+    vocab_size = len(set().union(*lines)) + BYTE_PIECES + SPECIAL_PIECES  # at least what sentencepiece keeps
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(docs, cfg.train_sentences), model_writer=model,
-        model_type=cfg.model_type, vocab_size=cfg.vocab_size, character_coverage=0.9995,
+        sentence_iterator=iter(lines), model_writer=model,
+        model_type=cfg.model_type, vocab_size=vocab_size, character_coverage=0.9995,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
         user_defined_symbols=["\n", "\t"], hard_vocab_limit=cfg.model_type != "char",
         max_sentence_length=16384, num_threads=4, minloglevel=2)
   except RuntimeError as e:
     raise ConfigError(f"cannot train a {cfg.model_type} tokenizer with tokenizer.vocab_size={cfg.vocab_size}: {str(e).strip().splitlines()[-1]}") from None
+  trained = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  if trained.vocab_size() > cfg.vocab_size:
+    raise ConfigError(f"tokenizer.vocab_size={cfg.vocab_size} is too small for a char tokenizer of this text: its "
+                      f"{trained.vocab_size() - BYTE_PIECES - SPECIAL_PIECES} characters, {BYTE_PIECES} byte-fallback and "
+                      f"{SPECIAL_PIECES} special pieces need tokenizer.vocab_size={trained.vocab_size()} or more")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(model.getvalue())

@@ -34,6 +34,13 @@ def test_int_is_accepted_where_a_float_is_expected():
     ("train.steps", r"override 'train.steps' is not of the form key=value"),
     ("model.num_kv_heads=3", r"model.num_kv_heads=3 must divide model.num_heads=4"),
     ("train.seq_len=4096", r"train.seq_len=4096 exceeds model.max_seq_len=256"),
+    ("log.every=-1", r"config key 'log.every' is -1; it should be greater than or equal to 0"),
+    ("train.grad_accum=0", r"config key 'train.grad_accum' is 0; it should be greater than 0"),
+    ("model.num_kv_heads=0", r"config key 'model.num_kv_heads' is 0; it should be greater than 0"),
+    ("train.steps=0", r"config key 'train.steps' is 0; it should be greater than 0"),
+    ("train.b2=1", r"config key 'train.b2' is 1.0; it should be less than 1"),
+    ("mesh.tensor=0", r"mesh.tensor=0 must be -1 \(the remaining devices\) or at least 1"),
+    ("mesh.rules={mpl: [tensor]}", r"mesh.rules has no logical axis 'mpl'; did you mean mlp\? \(valid: batch, vocab, "),
 ])
 def test_errors_are_one_line_naming_key_and_valid_values(override, message):
   with pytest.raises(ConfigError, match=message) as err:

@@ -93,6 +93,28 @@ def test_rows_pack_whole_documents_with_segments_and_positions(tmp_path, tokeniz
   assert recovered and set(recovered) <= set(texts)
 
 
+def test_a_document_split_across_rows_restarts_at_position_zero_and_sees_only_its_own_piece(tokenizer):
+  from lm.model import causal_segment_mask
+
+  doc = "def f(x):\n" + "  return x + 1\n" * 5  # about 50 tokens: it spills into the next row
+  ids = [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
+  L = 32
+  assert L < len(ids) - 1 < 2 * L
+  stream = np.tile(ids[:-1], 3), np.tile(ids[1:], 3)  # one stream of the document, repeated
+  it = iter(data.batches([doc], tokenizer, seq_len=L, global_batch=1, seed=0))
+  first, second = next(it), next(it)
+  np.testing.assert_array_equal(first["inputs"][0], stream[0][:L])
+  np.testing.assert_array_equal(second["inputs"][0], stream[0][L:2 * L])
+  np.testing.assert_array_equal(second["targets"][0], stream[1][L:2 * L])
+  n = len(ids) - 1 - L  # the document's continuation at the start of the second row
+  seg, pos = second["segment_ids"][0], second["positions"][0]
+  np.testing.assert_array_equal(pos, np.r_[np.arange(n), np.arange(L - n)])
+  assert seg[0] != 0 and (seg[:n] == seg[0]).all() and (seg[n:] != seg[0]).all() and (seg != 0).all()
+  piece = np.arange(L) < n
+  expected = np.tril(np.ones((L, L), bool)) & (piece[:, None] == piece[None, :])
+  np.testing.assert_array_equal(np.asarray(causal_segment_mask(seg[None]))[0], expected)
+
+
 def test_process_shares_make_up_the_global_batch(tmp_path, tokenizer):
   write_docs(tmp_path / "txt", 30)
   docs = data.open_source(str(tmp_path / "txt"))

@@ -4,9 +4,11 @@ import json
 import math
 import re
 
+import jax
+import numpy as np
 import pytest
 
-from tests.conftest import run_trainer
+from tests.conftest import run_trainer, tiny_overrides
 
 @pytest.mark.slow
 def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
@@ -51,3 +53,61 @@ def test_bad_override_fails_before_any_work(tmp_path):
   assert out.returncode == 1
   assert out.stderr.strip() == "error: unknown config key 'model.d_modle'; did you mean model.d_model, model.d_ff, model.head_dim?"
   assert not (tmp_path / "run").exists()
+
+
+class FakeTime:
+  """A clock that moves only when the test says: the loop's only source of time here."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self) -> float:
+    return self.now
+
+
+def test_tokens_per_sec_counts_training_steps_only_and_zero_cadence_means_the_last_step(tmp_path, tokenizer, monkeypatch,
+                                                                                        capsys):
+  """The first step (its compilation) takes 50 s, every other step 1 s, each evaluation 100 s. The logged
+  rows account for exactly the five 1 s steps; checkpoint.every=0 saves at the last step only."""
+  from lm import config, loop, metrics, train
+
+  clock = FakeTime()
+
+  class TimedSteps(train.Steps):
+    def __init__(self, *args):
+      super().__init__(*args)
+      step, self.calls = self.train_step, 0
+
+      def timed(state, batch):
+        out = jax.block_until_ready(step(state, batch))
+        clock.now += 1.0 if self.calls else 50.0
+        self.calls += 1
+        return out
+
+      self.train_step = timed
+
+  def slow_evaluate(*args):
+    clock.now += 100.0
+    return evaluate(*args)
+
+  evaluate = loop.evaluate
+  monkeypatch.setattr(loop, "Steps", TimedSteps)
+  monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+  monkeypatch.setattr(loop, "time", clock)
+  monkeypatch.setattr(metrics, "time", clock, raising=False)
+  cfg = config.load("configs/tiny.yaml", tiny_overrides(**{
+      "tokenizer.path": tokenizer.path, "train.steps": 6, "train.warmup_steps": 2, "train.learning_rate": 0.01,
+      "log.every": 2, "eval.every": 3, "eval.steps": 1, "checkpoint.every": 0}))
+  loop.run(cfg, tmp_path / "run")
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [2, 4, 6] and [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+  steps_in = np.diff([1] + [r["step"] for r in train_rows])  # step 1 is left out
+  seconds = sum(n * 8 * 32 / r["tokens_per_sec"] for n, r in zip(steps_in, train_rows))
+  assert seconds == pytest.approx(5.0)
+  assert "step 1 took 50.0s with its compilation (left out of tokens/s)" in capsys.readouterr().out
+  for r in train_rows:  # the rate of the step's own update, step - 1: warmup over 2, then cosine to 0.1 x peak
+    t = r["step"] - 1
+    want = 0.01 * t / 2 if t < 2 else 0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 4))
+    assert r["learning_rate"] == pytest.approx(want, rel=1e-5)
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["6"]
