@@ -156,7 +156,7 @@ def _bounds(tp: Any) -> pydantic.TypeAdapter:
 
 
 def _coerce(key: str, value: Any, declared: Any) -> Any:
-  tp = typing.get_origin(declared) is Annotated and declared.__origin__ or declared
+  tp = typing.get_args(declared)[0] if typing.get_origin(declared) is Annotated else declared
   origin = typing.get_origin(tp)
   ok = True
   if tp is bool:

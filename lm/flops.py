@@ -9,7 +9,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ModelConfig, head_dim
-from lm.model import count_params
 from lm.params import abstract_model, logical_axes
 
 # Dense bfloat16 peak FLOP/s per JAX device (a chip; a TensorCore on TPU v2 and v3), by `device_kind`:

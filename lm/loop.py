@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from lm import config, data, distributed, flops, metrics, resume, sharding
 from lm.checkpoint import Checkpoints, run_meta, run_tokenizer
 from lm.config import Config, ConfigError
+from lm.model import count_params
 from lm.tokenizer import Tokenizer, train as train_tokenizer
 from lm.train import Steps, TrainState
 
@@ -221,7 +222,7 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   if lead:
     roll_back_metrics(workdir, start)
   val_batches = validation_batches(cfg, val_docs, tokenizer, stream)
-  writer.say(f"model {flops.count_params(cfg.model) / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
+  writer.say(f"model {count_params(cfg.model) / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
              f"vocab {tokenizer.vocab_size} | {t.batch_size}x{t.seq_len} tokens per step | step {start} of {t.steps}")
   peak = flops.peak_flops(mesh.devices.flatten().tolist())
   if peak is None:

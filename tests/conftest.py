@@ -47,9 +47,10 @@ def trainer_command(workdir: Path, *overrides: str, init_from: str | None = None
   """`python -m launch.train` on the built-in corpus with a model that trains in seconds."""
   settings = tiny_overrides(**{"train.seq_len": 64, "train.steps": 60, "train.warmup_steps": 5,
                                "eval.every": 30, "eval.steps": 2, "log.every": 10})
-  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.yaml", "--workdir", str(workdir),
+  # Settings on both sides of --workdir, as users type them.
+  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.yaml", *settings, "--workdir", str(workdir),
          "--sample-prompt="]  # no sample unless a test asks for one
-  return cmd + (["--init-from", init_from] if init_from else []) + settings + list(overrides)
+  return cmd + (["--init-from", init_from] if init_from else []) + list(overrides)
 
 
 def run_trainer(workdir: Path, *overrides: str, devices: int = 8, init_from: str | None = None,

@@ -181,7 +181,10 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
   assert out.stderr.strip() == f"error: work directory '{tmp_path / 'file' / 'run'}' is not writable: Not a directory"
 
 
-def test_keeps_the_newest_k_and_every_m_th_checkpoint(tmp_path):
-  out = run_trainer(tmp_path / "run", "train.steps=9", "checkpoint.every=1", "checkpoint.keep=2", "checkpoint.keep_every=4")
+def test_keeps_the_newest_k_and_every_m_th_checkpoint_and_zero_cadences_mean_the_last_step(tmp_path):
+  out = run_trainer(tmp_path / "run", "train.steps=9", "checkpoint.every=1", "checkpoint.keep=2", "checkpoint.keep_every=4",
+                    "log.every=0", "eval.every=0")
   assert out.returncode == 0, out.stderr
   assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps() == [4, 8, 9]
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], "loss" in r, "val_loss" in r) for r in rows] == [(9, True, False), (9, False, True)]

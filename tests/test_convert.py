@@ -15,13 +15,13 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from launch.convert import main as convert_main
-from lm import config, data, sharding
+from lm import config, data, loop, sharding
 from lm.checkpoint import Checkpoints
-from lm.config import ConfigError
+from lm.config import ConfigError, TokenizerConfig
 from lm.convert import from_hf, to_hf, write_run
-from lm.sampler import Sampler
-from lm.tokenizer import Tokenizer
 from lm.params import abstract_model
+from lm.sampler import Sampler
+from lm.tokenizer import Tokenizer, train
 from lm.train import Steps
 from tests.conftest import run_trainer, tiny_overrides
 
@@ -36,7 +36,7 @@ def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size
   """A random transformers model with the tokenizer's vocabulary, saved as safetensors."""
   config_cls, model_cls = FAMILIES[family]
   torch.manual_seed(0)
-  model = model_cls(config_cls(vocab_size=tokenizer.vocab_size, **{**SHAPE, **settings}))
+  model = model_cls(config_cls(**{"vocab_size": tokenizer.vocab_size, **SHAPE, **settings}))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
@@ -121,10 +121,17 @@ def test_converted_checkpoint_restores_like_a_fresh_run(tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_converted_model_fine_tunes_with_init_from(tokenizer, tmp_path):
-  hf_dir = save_hf(tmp_path / "hf", tokenizer, tie_word_embeddings=True)
+def test_converted_model_with_a_padded_vocabulary_fine_tunes_with_init_from(tokenizer, tmp_path):
+  padded = tokenizer.vocab_size + 8  # rows no token uses, as converted models often have
+  hf_dir = save_hf(tmp_path / "hf", tokenizer, tie_word_embeddings=True, vocab_size=padded)
   assert convert_main(["--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run")]) == 0
-  out = run_trainer(tmp_path / "ft", "train.steps=20", "log.every=5", "eval.every=20",
+  docs = data.TextFiles(data.stdlib_files())
+  other = train((docs[i] for i in range(1, len(docs), 29)), TokenizerConfig(vocab_size=tokenizer.vocab_size, train_sentences=5000),
+                tmp_path / "other.model")
+  cfg = config.load("configs/tiny.yaml", tiny_overrides(**{"model.vocab_size": padded, "tokenizer.path": other.path}))
+  with pytest.raises(ConfigError, match=f"^--init-from {tmp_path / 'run'}: tokenizer {other.path} is not the one that run was trained with"):
+    loop.run(cfg, tmp_path / "other-run", init_from=str(tmp_path / "run"))  # same size, other pieces
+  out = run_trainer(tmp_path / "ft", "train.steps=20", "log.every=5", "eval.every=20", f"model.vocab_size={padded}",
                     init_from=str(tmp_path / "run"))
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"initialized parameters from {tmp_path / 'run'} (step 0)" in out.stdout + out.stderr

@@ -9,7 +9,7 @@ from flax import nnx
 
 from lm import config, sharding, splash
 from lm.config import ModelConfig
-from lm.model import Transformer, attend, causal_segment_mask, rope
+from lm.model import Transformer, attend, causal_segment_mask, fallback, rope
 
 
 def small(**kw) -> ModelConfig:
@@ -85,6 +85,17 @@ def test_model_with_cudnn_attention_matches_model_with_ours_on_gpu():
   assert "cudnn" in jax.jit(cudnn).lower(*inputs).as_text()
   want = xla(*inputs)
   assert float(jnp.max(jnp.abs(cudnn(*inputs) - want))) < 0.02 * float(jnp.max(jnp.abs(want)))
+
+
+def test_a_kernel_that_cannot_apply_is_said_once_and_xla_attention_runs(capsys):
+  fallback.cache_clear()
+  tokens = jnp.zeros((2, 32), jnp.int32)  # 32 is not a multiple of splash's 128-token blocks
+  for kind in ("splash", "splash", "cudnn", "cudnn"):  # traced twice each, as training and sampling do
+    jaxpr = str(jax.make_jaxpr(Transformer(small(attention=kind, max_seq_len=32, num_layers=1), nnx.Rngs(0)))(tokens))
+    assert "pallas_call" not in jaxpr and "cudnn" not in jaxpr
+  lines = capsys.readouterr().out.splitlines()
+  assert lines == ["attention: splash does not apply (sequence length 32 is not a multiple of 128); using XLA attention",
+                   f"attention: cudnn does not apply (it runs on NVIDIA GPUs, not {jax.default_backend()}); using XLA attention"]
 
 
 def test_rope_matches_complex_rotation():

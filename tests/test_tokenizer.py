@@ -43,3 +43,16 @@ def test_errors(tmp_path):
     Tokenizer(tmp_path / "missing.model")
   with pytest.raises(ConfigError, match="cannot train a bpe tokenizer with tokenizer.vocab_size=100000"):
     train(["tiny corpus\n"] * 10, TokenizerConfig(vocab_size=100000), tmp_path / "t.model")
+
+
+def test_char_vocabulary_takes_the_text_s_size_and_names_the_smallest_that_works(shared_data, tmp_path):
+  text = (shared_data / "tinyshakespeare.txt").read_text()  # 65 characters: the classic char-level setup
+  with pytest.raises(ConfigError, match=r"^tokenizer.vocab_size=70 is too small for a char tokenizer of this text: its \d+ "
+                                        r"characters, 256 byte-fallback and 5 special pieces need tokenizer.vocab_size=\d+ or more$") as e:
+    train([text], TokenizerConfig(model_type="char", vocab_size=70), tmp_path / "t.model")
+  smallest = int(str(e.value).split("=")[-1].split()[0])
+  with pytest.raises(ConfigError, match=f"need tokenizer.vocab_size={smallest} or more"):
+    train([text], TokenizerConfig(model_type="char", vocab_size=smallest - 1), tmp_path / "t.model")
+  for bound in (smallest, 4096):  # the vocabulary is the text's, whatever the bound above it
+    tok = train([text], TokenizerConfig(model_type="char", vocab_size=bound), tmp_path / "t.model")
+    assert tok.vocab_size == smallest and tok.decode(tok.encode(text[:20000])) == text[:20000]
