@@ -1,9 +1,12 @@
 """Cluster launch scripts (dry runs) and the ahead-of-time TPU compile."""
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -41,6 +44,31 @@ def test_slurm_dry_run_prints_the_script_and_every_rank():
                     "--workdir", "/shared/run", "--prompt", "hi there")
   ranks = [line for line in per_node.stdout.splitlines() if line.startswith("rank ")]
   assert len(ranks) == 2 and "CUDA_VISIBLE_DEVICES=0,1,2,3" in ranks[1] and "--prompt 'hi there'" in ranks[1]
+
+
+def test_slurm_script_passes_the_preemption_term_on_to_srun(tmp_path):
+  """sbatch's `B:TERM` reaches only the batch shell; a fake srun stands in for the step."""
+  from launch.slurm import batch_script
+
+  srun = tmp_path / "bin" / "srun"
+  srun.parent.mkdir()
+  srun.write_text("#!/bin/bash\ntrap 'echo TERM > got_term; exit 0' TERM\ntouch started\n"
+                  "while true; do sleep 0.05; done\n")
+  srun.chmod(0o755)
+  (tmp_path / "job.sh").write_text(batch_script(1, 1, "gpu", ["train"], "lm", "1:00").replace(f"cd {ROOT}", f"cd {tmp_path}"))
+  shell = subprocess.Popen(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, start_new_session=True,
+                           env={**os.environ, "PATH": f"{srun.parent}:{os.environ['PATH']}"})
+  try:
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+      assert time.monotonic() < deadline and shell.poll() is None
+      time.sleep(0.05)
+    shell.send_signal(signal.SIGTERM)  # what sbatch --signal=B:TERM does
+    assert shell.wait(timeout=30) == 0  # the step's exit status, after it saw TERM
+    assert (tmp_path / "got_term").read_text() == "TERM\n"
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(shell.pid, signal.SIGKILL)
 
 
 def test_launchers_reject_an_unknown_entry_point():
