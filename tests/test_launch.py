@@ -19,16 +19,45 @@ def launch(module: str, *args: str, env: dict | None = None) -> subprocess.Compl
                         env={**os.environ, **(env or {})}, timeout=900)
 
 
-def test_tpu_pod_dry_run_prints_copy_install_and_run_on_every_worker():
-  out = launch("tpu_pod", "--tpu", "pod7", "--zone", "us-east5-a", "--project", "proj", "--dry-run", "--",
-               "train", "--config", "configs/7b.yaml", "--workdir", "/mnt/runs/7b", "train.learning_rate=1e-4")
+def test_tpu_pod_dry_run_ships_an_archive_that_replaces_the_tree_and_runs_detached():
+  out = launch("tpu_pod", "--tpu", "pod7", "--zone", "us-east5-a", "--project", "proj", "--run-name", "r1", "--dry-run",
+               "--", "train", "--config", "configs/7b.yaml", "--workdir", "/mnt/runs/7b", "train.learning_rate=1e-4")
   assert out.returncode == 0, out.stderr
-  scp, install, run = out.stdout.strip().splitlines()
-  assert scp == f"gcloud compute tpus tpu-vm scp --recurse --zone us-east5-a --project proj --worker=all {ROOT} 'pod7:~/lm'"
+  files, scp, install, run, follow = out.stdout.strip().splitlines()
+  archive = re.fullmatch(r"# (\S+/lm.tar.gz): the \d+ files git lists in .*", files).group(1)
+  assert scp == f"gcloud compute tpus tpu-vm scp --zone us-east5-a --project proj --worker=all {archive} 'pod7:~/lm.tar.gz'"
   assert install.startswith("gcloud compute tpus tpu-vm ssh pod7 --zone us-east5-a --project proj --worker=all --command")
   assert "pip install -q -e" in install and ".[tpu]" in install
-  assert run.endswith("'cd lm && LM_DISTRIBUTED=auto python3 -m launch.train --config configs/7b.yaml "
-                      "--workdir /mnt/runs/7b train.learning_rate=1e-4'")
+  assert run.endswith("'mkdir -p ~/lm-logs && cd lm && LM_DISTRIBUTED=auto setsid nohup python3 -m launch.train "
+                      "--config configs/7b.yaml --workdir /mnt/runs/7b train.learning_rate=1e-4 "
+                      "> ~/lm-logs/r1.log 2>&1 < /dev/null &'")
+  assert follow.endswith("--worker=0 --command 'tail -f ~/lm-logs/r1.log'")
+
+
+def test_tpu_pod_ships_what_git_lists_and_replaces_the_remote_tree(tmp_path):
+  from launch.tpu_pod import ARCHIVE, shipped_files, unpack, write_archive
+
+  local = tmp_path / "local"
+  (local / "runs" / "old").mkdir(parents=True)
+  (local / "runs" / "old" / "metrics.jsonl").write_text("{}\n")
+  (local / ".gitignore").write_text("runs/\n")
+  (local / "kept.py").write_text("new = 1\n")
+  subprocess.run(["git", "init", "-q", str(local)], check=True)
+  subprocess.run(["git", "-C", str(local), "add", "kept.py"], check=True)
+  (local / "kept.py").write_text("new = 2\n")  # edited after `git add`: the edit ships
+  (local / "untracked.py").write_text("")
+  files = shipped_files(local)
+  assert files == [".gitignore", "kept.py", "untracked.py"]
+  home = tmp_path / "home"
+  (home / "lm" / "runs").mkdir(parents=True)  # a worker that ran an older copy
+  (home / "lm" / "runs" / "log.txt").write_text("keep me")
+  (home / "lm" / "stale.py").write_text("")
+  (home / "lm" / "kept.py").write_text("new = 0\n")
+  write_archive(local, files, home / ARCHIVE)
+  subprocess.run(["bash", "-c", unpack()], cwd=home, check=True)
+  assert sorted(p.relative_to(home / "lm").as_posix() for p in (home / "lm").rglob("*")) == [
+      ".gitignore", "kept.py", "runs", "runs/log.txt", "untracked.py"]
+  assert (home / "lm" / "kept.py").read_text() == "new = 2\n" and not (home / ARCHIVE).exists()
 
 
 def test_slurm_dry_run_prints_the_script_and_every_rank():
