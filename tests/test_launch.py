@@ -118,10 +118,14 @@ def aot_total(out: str, label: str = "total per chip") -> float:
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
   small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")
-  large = launch("aot", *base, "train.batch_size=64")
+  large = launch("aot", *base, "train.batch_size=64", "--slices", "2")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
+  # two slices: `data` (size 1 per slice, as the 7B preset sets it) runs across them, fsdp within one
+  assert "topology                           v5e-4 x2: 8 chips, mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in large.stdout
+  per_index = re.search(r"^data indices per slice\s+(.*)$", large.stdout, re.M).group(1)
+  assert per_index == "data 0: slice [0]; data 1: slice [1]"
   assert "fits" in small.stdout and "implied MFU" in small.stdout
   assert aot_total(large.stdout) > aot_total(small.stdout)
   # model.attention=auto picks the kernel on TPU, for training and for the sampler's prefill
@@ -132,6 +136,23 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   assert aot_total(small.stdout, "decode total per chip") > cache
 
 
+@pytest.mark.slow
+def test_aot_fit_finds_a_batch_that_fits_where_twice_it_does_not():
+  # logits of a 512k vocabulary dominate: about 10 GB per row of 4096 tokens, on 16 GiB chips
+  base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=524288", "model.num_layers=1",
+          "model.d_model=64", "model.d_ff=128", "model.max_seq_len=4096", "train.seq_len=4096", "model.attention=xla"]
+  fit = launch("aot", *base, "train.batch_size=8", "--fit")
+  assert fit.returncode == 0, fit.stderr
+  batch = int(re.search(r"^overrides to use\s+train.batch_size=(\d+)$", fit.stdout, re.M).group(1))
+  assert batch == 4 and re.search(rf"^batch\s+{batch} x 4096 tokens", fit.stdout, re.M)
+  assert re.search(r"^total per chip .*: fits$", fit.stdout, re.M)
+  twice = launch("aot", *base, f"train.batch_size={2 * batch}")
+  assert twice.returncode == 1 and "Traceback" not in twice.stderr
+  assert re.fullmatch(rf"error: train.batch_size={2 * batch} needs ([\d.]+) GB per chip, a v5e chip has 17.18 GB",
+                      twice.stderr.strip())
+  assert float(re.search(r"needs ([\d.]+) GB", twice.stderr).group(1)) > 17.18
+
+
 def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v9-8")
   assert out.returncode == 1
@@ -139,6 +160,10 @@ def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: --sample '4,128' is not ROWS,PROMPT,NEW with three positive numbers (for example 16,1024,1024)"
+  out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--slices", "2", "mesh.slices=3",
+               "model.vocab_size=2048")
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: mesh.slices=3, but the 8 devices come from 2 slice(s); set it to 2 or 0"
   (tmp_path / "libtpu.py").write_text("raise ImportError('not installed')\n")
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", env={"PYTHONPATH": str(tmp_path)})
   assert out.returncode == 1
