@@ -1,16 +1,19 @@
 """Compile the real training step for a TPU topology ahead of time, with no TPU present:
-python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW] [key=value ...]
+python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW] [--fit] [key=value ...]
 
 Prints, per chip, the memory XLA's analysis gives (parameters, optimizer state, activations and
 temporaries), whether it fits the chip's HBM, XLA's FLOP count and estimated step time, and the
 MFU they imply (both count the layer scan's body once, so no tokens/s is derived from them). With --sample it also compiles the sampler (prefill,
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
-its memory per chip. Exits 1 when either does not fit.
+its memory per chip. Exits 1 when either does not fit; a training step that does not fit is one line,
+what it needs per chip against what the chip has. --fit searches the largest train.batch_size that
+fits and prints it as the override to use.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -28,6 +31,10 @@ CHIPS = {
     "v5p": (95 * GIB, 2, 3),
     "v6e": (32 * GIB, 1, 2),
 }
+
+
+class DoesNotFit(ConfigError):
+  """The training step needs more memory per chip than the chip has."""
 
 
 def topology_shape(name: str) -> tuple[str, tuple[int, ...]]:
@@ -54,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--topology", required=True, help="v4-N, v5e-N, v5p-N or v6e-N")
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--sample", metavar="ROWS,PROMPT,NEW", help="also compile the sampler for this batch")
+  parser.add_argument("--fit", action="store_true", help="search the largest train.batch_size that fits")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_intermixed_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -66,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
   try:
     cfg = config.load(args.config, args.overrides)
     family, dims = topology_shape(args.topology)
+    # what libtpu would otherwise look up in the TPU VM's metadata, warning on stderr when it cannot
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     sample = sample_shape(args.sample) if args.sample else None
     if cfg.model.vocab_size == 0:
       raise ConfigError("model.vocab_size is 0; set it (the tokenizer is not loaded here)")
     mesh = topology_mesh(cfg, family, dims, args.slices)
-    reports = [compile_step(cfg, mesh, family, args.slices)] + ([compile_sampler(cfg, mesh, family, *sample)] if sample else [])
+    step = fit_batch(cfg, mesh, family, args.slices) if args.fit else compile_step(cfg, mesh, family, args.slices)
+    reports = [step] + ([compile_sampler(cfg, mesh, family, *sample)] if sample else [])
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -78,6 +90,39 @@ def main(argv: list[str] | None = None) -> int:
     for label, value in report["rows"]:
       print(f"{label:<34} {value}")
   return 0 if all(r["fits"] for r in reports) else 1
+
+
+def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
+  """The report of the largest batch, in steps of the data-parallel size, whose training step fits;
+  starts from the configured batch, doubles or halves, then bisects."""
+  from lm import sharding
+
+  unit = sharding.data_parallel_size(mesh, cfg.mesh.rules) * cfg.train.grad_accum
+  tried: dict[int, dict | DoesNotFit] = {}
+
+  def attempt(k: int) -> dict | DoesNotFit:
+    if k not in tried:
+      try:
+        tried[k] = compile_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=k * unit)),
+                                mesh, family, slices)
+      except DoesNotFit as e:
+        tried[k] = e
+    return tried[k]
+
+  lo = hi = max(1, cfg.train.batch_size // unit)
+  while isinstance(attempt(lo), DoesNotFit):
+    if lo == 1:
+      raise attempt(1)
+    hi, lo = lo, lo // 2
+  while hi == lo or not isinstance(attempt(hi), DoesNotFit):
+    lo, hi = hi, hi * 2
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if isinstance(attempt(mid), DoesNotFit) else (mid, hi)
+  report = attempt(lo)
+  report["rows"] += [("largest batch that fits", f"{lo * unit} (searched in steps of {unit}); {attempt(hi)}"),
+                     ("overrides to use", f"train.batch_size={lo * unit}")]
+  return report
 
 
 def sample_shape(text: str) -> tuple[int, int, int]:
@@ -98,14 +143,14 @@ def topology_mesh(cfg: config.Config, family: str, dims: tuple[int, ...], slices
   return sharding.make_mesh(cfg.mesh, list(topology.devices))
 
 
-def memory_rows(compiled, hbm: int) -> tuple[list[tuple[str, str]], bool]:
-  """XLA's arguments, temporaries and total per chip, and whether the total fits."""
+def memory_rows(compiled, hbm: int) -> tuple[list[tuple[str, str]], bool, int]:
+  """XLA's arguments, temporaries and total per chip, whether the total fits, and the total."""
   memory = compiled.memory_analysis()
   total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
   fits = total <= hbm
   return [("arguments per chip (XLA)", size(memory.argument_size_in_bytes)),
           ("temporaries per chip (XLA)", size(memory.temp_size_in_bytes)),
-          ("total per chip", f"{size(total)} of {size(hbm)} HBM: {'fits' if fits else 'DOES NOT FIT'}")], fits
+          ("total per chip", f"{size(total)} of {size(hbm)} HBM: {'fits' if fits else 'DOES NOT FIT'}")], fits, total
 
 
 def size(x: float) -> str:
@@ -117,6 +162,37 @@ def per_chip(tree) -> int:
   import numpy as np
 
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def needs(batch: int, total: float, hbm: int, family: str) -> str:
+  return f"train.batch_size={batch} needs {size(total)} per chip, a {family} chip has {size(hbm)}"
+
+
+def compile_within(lowered, arguments: int, hbm: int, family: str, batch: int):
+  """Compiles, turning XLA's out-of-memory error into DoesNotFit. XLA names either the total
+  ("Used X of Y hbm") or the temporaries alone, to which the arguments are then added."""
+  import jax
+
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    scale = lambda number, unit: float(number) * (1 << 10 * "BKMGT".index(unit or "B"))
+    if used := re.search(r"Used ([\d.]+)([KMGT])?B? of", message):
+      raise DoesNotFit(needs(batch, scale(*used.groups()), hbm, family)) from None
+    if temps := re.search(r"HLO temporaries \(([\d.]+)([KMGT])?B?\)", message):
+      raise DoesNotFit(needs(batch, scale(*temps.groups()) + arguments, hbm, family)) from None
+    raise DoesNotFit(f"train.batch_size={batch} does not fit a {family} chip: {message.splitlines()[0]}") from None
+
+
+def slice_rows(mesh) -> str:
+  """Which `data` indices each slice's devices sit at: disjoint when only data parallelism crosses slices."""
+  import numpy as np
+
+  at = lambda i: sorted({int(d.slice_index) for d in np.asarray(mesh.devices)[i].flat})
+  return "; ".join(f"data {i}: slice {at(i)}" for i in range(mesh.shape["data"]))
 
 
 def attention_row(compiled) -> tuple[str, str]:
@@ -140,16 +216,19 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   batch = {k: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=steps.batch_sharding)
            for k in ("inputs", "targets", "segment_ids", "positions")}
   state = steps.abstract_state()
-  compiled = steps.train_step.lower(state, batch).compile()
+  compiled = compile_within(steps.train_step.lower(state, batch), per_chip((state, batch)), hbm, family, B)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  memory, fits = memory_rows(compiled, hbm)
+  memory, fits, total = memory_rows(compiled, hbm)
+  if not fits:
+    raise DoesNotFit(needs(B, total, hbm, family))
   n = mesh.devices.size
   seconds = float(cost.get("optimal_seconds", float("nan")))
   xla_flops = float(cost.get("flops", float("nan")))
   model_flops = flops_per_token(cfg.model, L) * B * L / n
   rows = [
       ("topology", f"{family}-{n // slices * cores} x{slices}: {n} chips, mesh {dict(mesh.shape)}"),
+      *([("data indices per slice", slice_rows(mesh))] if slices > 1 else []),
       ("model", f"{count_params(cfg.model) / 1e9:.2f}B parameters, {cfg.model.dtype} compute, remat {cfg.model.remat}"),
       ("batch", f"{B} x {L} tokens ({B * L // n} tokens per chip)"),
       attention_row(compiled),
@@ -196,7 +275,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   prefill, decode = sampler.compiled_functions(rows, prompt_len, new_tokens, args)
   cache = 2 * cfg.model.num_layers * rows * (prompt_len + new_tokens) * cfg.model.num_kv_heads * head_dim(cfg.model)
   cache_shards = math.prod(sharding.shards(mesh, entry) for entry in sampler.cache_sharding.spec)
-  memory, fits = memory_rows(decode, hbm)
+  memory, fits, _ = memory_rows(decode, hbm)
   return {"rows": [
       ("sampling", f"{rows} rows x ({prompt_len} prompt + {new_tokens} new) tokens"),
       attention_row(prefill),

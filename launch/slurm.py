@@ -4,6 +4,9 @@ python -m launch.slurm --nodes N --gpus-per-node G [--process-per node|gpu] [--d
 Writes a batch script that `srun`s one process per GPU (or one per node, owning all its GPUs) and
 submits it with `sbatch`. JAX reads the SLURM environment in `jax.distributed.initialize()`
 (LM_DISTRIBUTED=auto). `--dry-run` prints the script and what each rank would run instead.
+
+`--signal=B:TERM@120` signals only the batch shell, which would not pass it on: the script runs the
+step in the background and its trap forwards TERM to srun, which delivers it to every task.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ def batch_script(nodes: int, gpus: int, per: str, command: list[str], job_name: 
       "set -euo pipefail",
       f"cd {shlex.quote(str(ROOT))}",
       "export LM_DISTRIBUTED=auto",
-      f"srun --kill-on-bad-exit=1 {'--gpus-per-task=1 ' if per == 'gpu' else ''}{run}",
+      "trap 'kill -TERM \"$step\" 2>/dev/null' TERM",
+      f"srun --kill-on-bad-exit=1 {'--gpus-per-task=1 ' if per == 'gpu' else ''}{run} &",
+      "step=$!",
+      "wait \"$step\" || wait \"$step\"  # TERM ends the first wait early; the second waits for the tasks' save",
       "",
   ])
 

@@ -1,9 +1,12 @@
 """Run the trainer (or sampler) on every worker of a Cloud TPU VM slice:
-python -m launch.tpu_pod --tpu NAME --zone ZONE [--project P] [--dry-run] -- train|sample ARGS
+python -m launch.tpu_pod --tpu NAME --zone ZONE [--project P] [--run-name NAME] [--dry-run] -- train|sample ARGS
 
-Copies this project to every worker, installs it with the TPU extra, then starts the same command on
-all workers at once; each worker's JAX finds the others itself (LM_DISTRIBUTED=auto). The work
-directory must be storage every worker sees (a Filestore/NFS mount, or a gcsfuse-mounted bucket).
+Ships the files git lists here (tracked and untracked, not ignored: no .git, no run directories) as
+one archive to every worker, replaces the worker's ~/lm with them (keeping its runs/), installs it
+with the TPU extra, then starts the same command on all workers at once, detached from the ssh
+session, each worker writing its output to ~/lm-logs/RUN_NAME.log. Each worker's JAX finds the
+others itself (LM_DISTRIBUTED=auto). The work directory must be storage every worker sees (a
+Filestore/NFS mount, or a gcsfuse-mounted bucket).
 """
 
 from __future__ import annotations
@@ -12,22 +15,52 @@ import argparse
 import shlex
 import subprocess
 import sys
+import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 from launch.common import entry_command, python_module
 
 ROOT = Path(__file__).resolve().parents[1]
 REMOTE_DIR = "lm"
+ARCHIVE = "lm.tar.gz"
+LOGS = "lm-logs"
 
 
-def commands(tpu: str, zone: str, project: str | None, command: list[str]) -> list[list[str]]:
+def shipped_files(root: Path) -> list[str]:
+  """What git sees in the working tree, edits not yet committed included."""
+  out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                       capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"error: launch.tpu_pod ships the files git lists, but {root} is not a git checkout")
+  return sorted(f for f in out.stdout.split("\0") if f and (root / f).is_file())
+
+
+def write_archive(root: Path, files: list[str], path: Path) -> None:
+  with tarfile.open(path, "w:gz") as tar:
+    for f in files:
+      tar.add(root / f, arcname=f)
+
+
+def unpack() -> str:
+  """Shell run on each worker: ~/lm becomes exactly the archive's files, its runs/ kept."""
+  return (f"mkdir -p {REMOTE_DIR} && find {REMOTE_DIR} -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {{}} + && "
+          f"tar -xzf {ARCHIVE} -C {REMOTE_DIR} && rm {ARCHIVE}")
+
+
+def commands(tpu: str, zone: str, project: str | None, command: list[str], archive: str, run_name: str) -> list[list[str]]:
   where = ["--zone", zone] + (["--project", project] if project else [])
-  run = f"cd {REMOTE_DIR} && LM_DISTRIBUTED=auto {shlex.join(python_module(command))}"
-  install = f"cd {REMOTE_DIR} && python3 -m pip install -q -e '.[tpu]'"
+  ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, *where, "--worker=all", "--command"]
+  log = f"~/{LOGS}/{shlex.quote(run_name)}.log"
+  install = f"{unpack()} && cd {REMOTE_DIR} && python3 -m pip install -q -e '.[tpu]'"
+  # setsid + nohup with every stream redirected: ssh returns at once and a dropped connection leaves the run alive
+  run = (f"mkdir -p ~/{LOGS} && cd {REMOTE_DIR} && LM_DISTRIBUTED=auto setsid nohup "
+         f"{shlex.join(python_module(command))} > {log} 2>&1 < /dev/null &")
   return [
-      ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", *where, "--worker=all", str(ROOT), f"{tpu}:~/{REMOTE_DIR}"],
-      ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, *where, "--worker=all", "--command", install],
-      ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, *where, "--worker=all", "--command", run],
+      ["gcloud", "compute", "tpus", "tpu-vm", "scp", *where, "--worker=all", archive, f"{tpu}:~/{ARCHIVE}"],
+      [*ssh, install],
+      [*ssh, run],
   ]
 
 
@@ -36,18 +69,30 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--tpu", required=True, help="TPU VM name")
   parser.add_argument("--zone", required=True)
   parser.add_argument("--project")
+  parser.add_argument("--run-name", default=time.strftime("%Y%m%d-%H%M%S"), help="names each worker's log file")
   parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
   args = parser.parse_args(argv)
   command = entry_command(parser, args.command)
-  for cmd in commands(args.tpu, args.zone, args.project, command):
+  files = shipped_files(ROOT)
+  where = ["--zone", args.zone] + (["--project", args.project] if args.project else [])
+  follow = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, *where, "--worker=0", "--command",
+            f"tail -f ~/{LOGS}/{args.run_name}.log"]
+  with tempfile.TemporaryDirectory() as tmp:
+    archive = Path(tmp) / ARCHIVE
     if args.dry_run:
-      print(shlex.join(cmd))
-      continue
-    status = subprocess.run(cmd).returncode
-    if status:
-      print(f"error: {shlex.join(cmd[:5])} ... exited with {status}", file=sys.stderr)
-      return status
+      print(f"# {archive}: the {len(files)} files git lists in {ROOT}")
+    else:
+      write_archive(ROOT, files, archive)
+    for cmd in commands(args.tpu, args.zone, args.project, command, str(archive), args.run_name):
+      if args.dry_run:
+        print(shlex.join(cmd))
+        continue
+      status = subprocess.run(cmd).returncode
+      if status:
+        print(f"error: {shlex.join(cmd[:5])} ... exited with {status}", file=sys.stderr)
+        return status
+  print(f"# worker 0's log: {shlex.join(follow)}")
   return 0
 
 

@@ -83,6 +83,9 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  # data, fsdp and tensor are sizes within one slice; `data` also runs across slices (the slow
+  # data-center network carries only the gradient reduction). 0: as many as the devices span.
+  slices: int = 0
   rules: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {
       "batch": ["data", "fsdp"],
       "vocab": ["tensor"],
@@ -115,6 +118,13 @@ class LogConfig:
 
 
 @dataclasses.dataclass
+class ProfileConfig:
+  start_step: int = 1  # the first step traced (the step number logged when it finishes)
+  steps: int = 0  # how many steps a jax.profiler trace in WORKDIR/profile covers; 0: none
+  all_processes: bool = False  # every process writes its trace, not only process 0
+
+
+@dataclasses.dataclass
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -124,6 +134,7 @@ class Config:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   log: LogConfig = dataclasses.field(default_factory=LogConfig)
+  profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
 
 CHOICES = {

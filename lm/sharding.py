@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lm.config import ConfigError, MeshConfig
@@ -16,15 +17,15 @@ from lm.config import ConfigError, MeshConfig
 AXES = ("data", "fsdp", "tensor")
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(cfg: MeshConfig, num_devices: int, where: str = "") -> tuple[int, int, int]:
   sizes = [cfg.data, cfg.fsdp, cfg.tensor]
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} cannot fill {num_devices} devices: {num_devices} is not divisible by {known}")
+      raise ConfigError(f"mesh data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor} cannot fill {num_devices} devices{where}: {num_devices} is not divisible by {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, but {num_devices} are available")
+    raise ConfigError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, but {num_devices} are available{where}")
   return tuple(sizes)
 
 
@@ -34,11 +35,25 @@ def check_rules(rules: dict[str, list[str]]) -> None:
       raise ConfigError(f"mesh.rules.{name} names mesh axis '{unknown[0]}'; mesh axes: {', '.join(AXES)}")
 
 
+def slice_count(cfg: MeshConfig, devices: Sequence[jax.Device]) -> int:
+  """How many slices (TPU pod slices joined over the data-center network) the devices come from."""
+  count = len({getattr(d, "slice_index", 0) for d in devices})
+  if cfg.slices not in (0, count):
+    raise ConfigError(f"mesh.slices={cfg.slices}, but the {len(devices)} devices come from {count} slice(s); set it to {count} or 0")
+  return count
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   check_rules(cfg.rules)
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(cfg, len(devices))
   auto = (AxisType.Auto,) * len(AXES)  # shardings propagate through XLA; we pin the important ones
+  slices = slice_count(cfg, devices)
+  if slices > 1:
+    # as MaxText does: the mesh within each slice over its torus, the slices stacked along `data`
+    shape = mesh_shape(cfg, len(devices) // slices, f" in each of {slices} slices")
+    grid = mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1), devices, allow_split_physical_axes=True)
+    return Mesh(grid, AXES, axis_types=auto)
+  shape = mesh_shape(cfg, len(devices))
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
   return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)

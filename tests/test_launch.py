@@ -1,9 +1,12 @@
 """Cluster launch scripts (dry runs) and the ahead-of-time TPU compile."""
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -16,16 +19,45 @@ def launch(module: str, *args: str, env: dict | None = None) -> subprocess.Compl
                         env={**os.environ, **(env or {})}, timeout=900)
 
 
-def test_tpu_pod_dry_run_prints_copy_install_and_run_on_every_worker():
-  out = launch("tpu_pod", "--tpu", "pod7", "--zone", "us-east5-a", "--project", "proj", "--dry-run", "--",
-               "train", "--config", "configs/7b.yaml", "--workdir", "/mnt/runs/7b", "train.learning_rate=1e-4")
+def test_tpu_pod_dry_run_ships_an_archive_that_replaces_the_tree_and_runs_detached():
+  out = launch("tpu_pod", "--tpu", "pod7", "--zone", "us-east5-a", "--project", "proj", "--run-name", "r1", "--dry-run",
+               "--", "train", "--config", "configs/7b.yaml", "--workdir", "/mnt/runs/7b", "train.learning_rate=1e-4")
   assert out.returncode == 0, out.stderr
-  scp, install, run = out.stdout.strip().splitlines()
-  assert scp == f"gcloud compute tpus tpu-vm scp --recurse --zone us-east5-a --project proj --worker=all {ROOT} 'pod7:~/lm'"
+  files, scp, install, run, follow = out.stdout.strip().splitlines()
+  archive = re.fullmatch(r"# (\S+/lm.tar.gz): the \d+ files git lists in .*", files).group(1)
+  assert scp == f"gcloud compute tpus tpu-vm scp --zone us-east5-a --project proj --worker=all {archive} 'pod7:~/lm.tar.gz'"
   assert install.startswith("gcloud compute tpus tpu-vm ssh pod7 --zone us-east5-a --project proj --worker=all --command")
   assert "pip install -q -e" in install and ".[tpu]" in install
-  assert run.endswith("'cd lm && LM_DISTRIBUTED=auto python3 -m launch.train --config configs/7b.yaml "
-                      "--workdir /mnt/runs/7b train.learning_rate=1e-4'")
+  assert run.endswith("'mkdir -p ~/lm-logs && cd lm && LM_DISTRIBUTED=auto setsid nohup python3 -m launch.train "
+                      "--config configs/7b.yaml --workdir /mnt/runs/7b train.learning_rate=1e-4 "
+                      "> ~/lm-logs/r1.log 2>&1 < /dev/null &'")
+  assert follow.endswith("--worker=0 --command 'tail -f ~/lm-logs/r1.log'")
+
+
+def test_tpu_pod_ships_what_git_lists_and_replaces_the_remote_tree(tmp_path):
+  from launch.tpu_pod import ARCHIVE, shipped_files, unpack, write_archive
+
+  local = tmp_path / "local"
+  (local / "runs" / "old").mkdir(parents=True)
+  (local / "runs" / "old" / "metrics.jsonl").write_text("{}\n")
+  (local / ".gitignore").write_text("runs/\n")
+  (local / "kept.py").write_text("new = 1\n")
+  subprocess.run(["git", "init", "-q", str(local)], check=True)
+  subprocess.run(["git", "-C", str(local), "add", "kept.py"], check=True)
+  (local / "kept.py").write_text("new = 2\n")  # edited after `git add`: the edit ships
+  (local / "untracked.py").write_text("")
+  files = shipped_files(local)
+  assert files == [".gitignore", "kept.py", "untracked.py"]
+  home = tmp_path / "home"
+  (home / "lm" / "runs").mkdir(parents=True)  # a worker that ran an older copy
+  (home / "lm" / "runs" / "log.txt").write_text("keep me")
+  (home / "lm" / "stale.py").write_text("")
+  (home / "lm" / "kept.py").write_text("new = 0\n")
+  write_archive(local, files, home / ARCHIVE)
+  subprocess.run(["bash", "-c", unpack()], cwd=home, check=True)
+  assert sorted(p.relative_to(home / "lm").as_posix() for p in (home / "lm").rglob("*")) == [
+      ".gitignore", "kept.py", "runs", "runs/log.txt", "untracked.py"]
+  assert (home / "lm" / "kept.py").read_text() == "new = 2\n" and not (home / ARCHIVE).exists()
 
 
 def test_slurm_dry_run_prints_the_script_and_every_rank():
@@ -41,6 +73,31 @@ def test_slurm_dry_run_prints_the_script_and_every_rank():
                     "--workdir", "/shared/run", "--prompt", "hi there")
   ranks = [line for line in per_node.stdout.splitlines() if line.startswith("rank ")]
   assert len(ranks) == 2 and "CUDA_VISIBLE_DEVICES=0,1,2,3" in ranks[1] and "--prompt 'hi there'" in ranks[1]
+
+
+def test_slurm_script_passes_the_preemption_term_on_to_srun(tmp_path):
+  """sbatch's `B:TERM` reaches only the batch shell; a fake srun stands in for the step."""
+  from launch.slurm import batch_script
+
+  srun = tmp_path / "bin" / "srun"
+  srun.parent.mkdir()
+  srun.write_text("#!/bin/bash\ntrap 'echo TERM > got_term; exit 0' TERM\ntouch started\n"
+                  "while true; do sleep 0.05; done\n")
+  srun.chmod(0o755)
+  (tmp_path / "job.sh").write_text(batch_script(1, 1, "gpu", ["train"], "lm", "1:00").replace(f"cd {ROOT}", f"cd {tmp_path}"))
+  shell = subprocess.Popen(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, start_new_session=True,
+                           env={**os.environ, "PATH": f"{srun.parent}:{os.environ['PATH']}"})
+  try:
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+      assert time.monotonic() < deadline and shell.poll() is None
+      time.sleep(0.05)
+    shell.send_signal(signal.SIGTERM)  # what sbatch --signal=B:TERM does
+    assert shell.wait(timeout=30) == 0  # the step's exit status, after it saw TERM
+    assert (tmp_path / "got_term").read_text() == "TERM\n"
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(shell.pid, signal.SIGKILL)
 
 
 def test_launchers_reject_an_unknown_entry_point():
@@ -59,12 +116,16 @@ def aot_total(out: str, label: str = "total per chip") -> float:
 
 @pytest.mark.slow
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
-  base = ["--config", "configs/tiny.yaml", "model.vocab_size=2048", "--topology", "v5e-4", "mesh.data=1", "mesh.fsdp=-1"]
+  base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
   small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")  # settings on both sides of options
-  large = launch("aot", *base, "train.batch_size=64")
+  large = launch("aot", *base, "train.batch_size=64", "--slices", "2")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
+  # two slices: `data` (size 1 per slice, as the 7B preset sets it) runs across them, fsdp within one
+  assert "topology                           v5e-4 x2: 8 chips, mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in large.stdout
+  per_index = re.search(r"^data indices per slice\s+(.*)$", large.stdout, re.M).group(1)
+  assert per_index == "data 0: slice [0]; data 1: slice [1]"
   assert "fits" in small.stdout and "implied MFU" in small.stdout
   assert "tokens/s" not in small.stdout  # XLA's time counts the layer scan's body once: no throughput follows from it
   assert aot_total(large.stdout) > aot_total(small.stdout)
@@ -76,6 +137,23 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   assert aot_total(small.stdout, "decode total per chip") > cache
 
 
+@pytest.mark.slow
+def test_aot_fit_finds_a_batch_that_fits_where_twice_it_does_not():
+  # logits of a 512k vocabulary dominate: about 10 GB per row of 4096 tokens, on 16 GiB chips
+  base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=524288", "model.num_layers=1",
+          "model.d_model=64", "model.d_ff=128", "model.max_seq_len=4096", "train.seq_len=4096", "model.attention=xla"]
+  fit = launch("aot", *base, "train.batch_size=8", "--fit")
+  assert fit.returncode == 0, fit.stderr
+  batch = int(re.search(r"^overrides to use\s+train.batch_size=(\d+)$", fit.stdout, re.M).group(1))
+  assert batch == 4 and re.search(rf"^batch\s+{batch} x 4096 tokens", fit.stdout, re.M)
+  assert re.search(r"^total per chip .*: fits$", fit.stdout, re.M)
+  twice = launch("aot", *base, f"train.batch_size={2 * batch}")
+  assert twice.returncode == 1 and "Traceback" not in twice.stderr
+  assert re.fullmatch(rf"error: train.batch_size={2 * batch} needs ([\d.]+) GB per chip, a v5e chip has 17.18 GB",
+                      twice.stderr.strip())
+  assert float(re.search(r"needs ([\d.]+) GB", twice.stderr).group(1)) > 17.18
+
+
 def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v9-8")
   assert out.returncode == 1
@@ -83,6 +161,10 @@ def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: --sample '4,128' is not ROWS,PROMPT,NEW with three positive numbers (for example 16,1024,1024)"
+  out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--slices", "2", "mesh.slices=3",
+               "model.vocab_size=2048")
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: mesh.slices=3, but the 8 devices come from 2 slice(s); set it to 2 or 0"
   (tmp_path / "libtpu.py").write_text("raise ImportError('not installed')\n")
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", env={"PYTHONPATH": str(tmp_path)})
   assert out.returncode == 1
