@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import gzip
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -72,7 +73,8 @@ class Parquet:
 def _decompressed(path: str):
   if path.endswith(".gz"):
     return gzip.open(path, "rb")
-  return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+  reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+  return io.BufferedReader(reader)  # for its lines
 
 
 def _build_index(path: str, blocks_path: Path, index_path: Path) -> None:
