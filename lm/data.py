@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grain
 from absl import flags
+import grain
 import grain.experimental as gx
 import numpy as np
 

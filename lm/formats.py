@@ -58,10 +58,11 @@ class Parquet:
   def __getitem__(self, i: int) -> str:
     k = bisect.bisect_right(self.starts, i) - 1
     f, g, file_row = self.groups[k]
-    if self.cached.get(f, (None,))[0] != g:
-      table = pq.ParquetFile(self.paths[f]).read_row_group(g, columns=[self.field])
-      self.cached[f] = (g, table.column(0).to_pylist())
-    text = self.cached[f][1][i - self.starts[k]]
+    group = self.cached.get(f)  # a local, since validation may read while the training thread does
+    if group is None or group[0] != g:
+      group = g, pq.ParquetFile(self.paths[f]).read_row_group(g, columns=[self.field]).column(0).to_pylist()
+      self.cached[f] = group
+    text = group[1][i - self.starts[k]]
     if not isinstance(text, str):
       raise ConfigError(f"{self.paths[f]}: row {file_row + i - self.starts[k]}: '{self.field}' is {type(text).__name__}, not a string")
     return text
@@ -140,13 +141,15 @@ class CompressedJsonLines:
     index, k = self.files[f], i - self.counts[f]
     start = int(index["starts"][k])
     b = bisect.bisect_right(index["block_starts"], start) - 1
-    if self.cached.get(f, (None,))[0] != b:
+    block = self.cached.get(f)
+    if block is None or block[0] != b:
       with open(self.paths[f] + ".lmindex.zst", "rb") as fh:
         fh.seek(int(index["block_offsets"][b]))
         raw = fh.read(int(index["block_offsets"][b + 1] - index["block_offsets"][b]))
-      self.cached[f] = (b, zstandard.ZstdDecompressor().decompress(raw))
+      block = b, zstandard.ZstdDecompressor().decompress(raw)
+      self.cached[f] = block
     base = int(index["block_starts"][b])
-    line = self.cached[f][1][start - base:int(index["ends"][k]) - base]
+    line = block[1][start - base:int(index["ends"][k]) - base]
     return record_text(line, f"{self.paths[f]}:{int(index['linenos'][k])}", self.field)
 
   def __getstate__(self) -> dict[str, Any]:

@@ -92,9 +92,7 @@ class TokenCache:
     self.index = json.loads(index_path.read_text())
     if self.index.get("format") != FORMAT or not self.index.get("complete"):
       raise ConfigError(f"token cache '{folder}' is incomplete; rerun the same lm-prepare command to finish it")
-    per, n = self.index["shard_docs"], self.index["documents"]
-    self.offsets = [np.load(_shard_paths(self.dir, s)[1]) for s in range(-(-n // per))]
-    self.tokens: dict[int, np.ndarray] = {}
+    self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # (tokens, offsets), opened on first use
 
   @property
   def tokenizer_sha256(self) -> str:
@@ -105,10 +103,11 @@ class TokenCache:
 
   def __getitem__(self, i: int) -> np.ndarray:
     s, k = divmod(i, self.index["shard_docs"])
-    if s not in self.tokens:
-      self.tokens[s] = np.load(_shard_paths(self.dir, s)[0], mmap_mode="r")
-    offsets = self.offsets[s]
-    return self.tokens[s][offsets[k]:offsets[k + 1]]
+    if s not in self.shards:
+      tokens_path, offsets_path = _shard_paths(self.dir, s)
+      self.shards[s] = np.load(tokens_path, mmap_mode="r"), np.load(offsets_path)
+    tokens, offsets = self.shards[s]
+    return tokens[offsets[k]:offsets[k + 1]]
 
   def __getstate__(self) -> dict[str, Any]:
-    return {**self.__dict__, "tokens": {}}  # memory maps are reopened in each worker process
+    return {**self.__dict__, "shards": {}}  # memory maps are reopened in each worker process
