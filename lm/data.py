@@ -226,34 +226,54 @@ def shuffled_documents(docs: Any, seed: int) -> grain.MapDataset:
   return grain.MapDataset.source(docs).shuffle(seed).repeat()
 
 
+class _Tokenize(grain.transforms.Map):
+  """A document (text, or token ids from a cache) as BOS + ids + EOS, split into inputs and targets;
+  None when that leaves nothing to predict. (Named transforms: grain reads a lambda's source to name
+  it, for every stream.)"""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+
+  def map(self, doc: str | np.ndarray) -> dict[str, np.ndarray] | None:
+    bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+    body = self.tokenizer.encode(doc) if isinstance(doc, str) else doc
+    ids = np.concatenate([[bos] if bos >= 0 else [], body, [eos]]).astype(np.int32)
+    return {"inputs": ids[:-1], "targets": ids[1:]} if len(ids) > 1 else None
+
+
+class _Something(grain.transforms.Filter):
+  def filter(self, element: Any) -> bool:
+    return element is not None
+
+
+class _Rename(grain.transforms.Map):
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"inputs": row["inputs"], "targets": row["targets"],
+            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+
+class _Stack(grain.transforms.Map):
+  def map(self, rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
             shuffle_window: int = 1, rows: range | None = None, workers: int = 0) -> grain.IterDataset:
   """Rows `rows` (default: all) of every global batch, the rows this process feeds to its devices:
   dicts of [len(rows), seq_len] int32 arrays `inputs`, `targets`, `segment_ids` (0 marks padding)
-  and `positions`. Documents are texts, or token ids from a cache. With `workers`, grain's worker
-  processes each make every `workers`-th batch (documents sliced among them), so the order depends on
-  the worker count too, and is as deterministic and resumable."""
-  bos, eos = tokenizer.bos_id, tokenizer.eos_id
-
-  def tokenize(doc: str | np.ndarray) -> dict[str, np.ndarray] | None:
-    body = tokenizer.encode(doc) if isinstance(doc, str) else doc
-    ids = np.concatenate([[bos] if bos >= 0 else [], body, [eos]]).astype(np.int32)
-    return {"inputs": ids[:-1], "targets": ids[1:]} if len(ids) > 1 else None
-
-  def rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"inputs": row["inputs"], "targets": row["targets"],
-            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
-
-  shuffled = shuffled_documents(docs, seed)
+  and `positions`. With `workers`, grain's worker processes each make every `workers`-th batch
+  (documents sliced among them), so the order depends on the worker count too, and is as
+  deterministic and resumable."""
+  shuffled = shuffled_documents(docs, seed).map(_Tokenize(tokenizer))
   streams = []
   for j in rows or range(global_batch):
     # Streams are read synchronously: one prefetch thread below serves all of them.
-    stream = shuffled[j::global_batch].map(tokenize).filter(lambda x: x is not None).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    stream = shuffled[j::global_batch].filter(_Something()).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     stream = gx.ConcatThenSplitIterDataset(stream, length_struct={"inputs": seq_len, "targets": seq_len})
     if shuffle_window > 1:
       stream = gx.WindowShuffleIterDataset(stream, window_size=shuffle_window, seed=seed + j)
-    streams.append(stream.map(rename))
-  stacked = gx.ZipIterDataset(streams).map(lambda rows: {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    streams.append(stream.map(_Rename()))
+  stacked = gx.ZipIterDataset(streams).map(_Stack())
   if workers:
     if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag here that scripts never parse (google/grain#1355)
       flags.FLAGS.mark_as_parsed()
