@@ -22,11 +22,14 @@ V5P_HOST_FLOPS = 4 * 459e12  # lm.flops.PEAK_FLOPS["TPU v5p"] per chip, 4 chips 
 
 
 def tokens_per_second(docs, tokenizer: Tokenizer, batches: int, workers: int = 0) -> tuple[float, float]:
-  """(seconds to the first batch, tokens/s over the `batches` after it) at BATCH x SEQ_LEN."""
+  """(seconds to the first batch, tokens/s over `batches` more) at BATCH x SEQ_LEN, once every
+  worker has made its first batch."""
   start = time.perf_counter()
   it = iter(data.batches(docs, tokenizer, seq_len=SEQ_LEN, global_batch=BATCH, seed=0, workers=workers))
   next(it)
   first = time.perf_counter() - start
+  for _ in range(workers - 1):
+    next(it)
   start = time.perf_counter()
   for _ in range(batches):
     next(it)
