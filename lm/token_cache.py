@@ -56,10 +56,12 @@ def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, wo
   index_path = out / "index.json"
   if index_path.exists():
     old = json.loads(index_path.read_text())
-    same = [old.get(k) for k in ("format", "source", "documents", "shard_docs")] == [plan[k] for k in ("format", "source", "documents", "shard_docs")]
+    same = all(old.get(k) == plan[k] for k in ("format", "source", "documents", "shard_docs"))
     if not same or old["tokenizer"]["sha256"] != plan["tokenizer"]["sha256"]:
       raise ConfigError(f"'{out}' holds a token cache of {old.get('source')!r} ({old.get('documents')} documents, "
                         f"tokenizer {old['tokenizer']['path']}); use another directory for {source!r}")
+  elif out.is_dir() and {p.name for p in out.iterdir()} - {"tokenizer.model"}:
+    raise ConfigError(f"'{out}' is not empty and holds no token cache; name a new directory")
   out.mkdir(parents=True, exist_ok=True)
   for leftover in out.glob("*.tmp*"):  # a shard an interrupted run was writing
     leftover.unlink()

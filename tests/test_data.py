@@ -216,6 +216,8 @@ def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer
     data.check_tokenizer(DataConfig(source=f"tokens:{tmp_path / 'cache'}"), other)
   with pytest.raises(ConfigError, match=r"^'.*cache' holds a token cache of '.*txt' \(30 documents, tokenizer .*t.model\); use another directory for '.*txt'$"):
     token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), other, tmp_path / "cache", workers=1, shard_docs=4)
+  with pytest.raises(ConfigError, match=r"^'.*txt' is not empty and holds no token cache; name a new directory$"):
+    token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), tokenizer, tmp_path / "txt", workers=1, shard_docs=4)
 
 
 def test_workers_keep_a_resumable_order(tmp_path, tokenizer):
