@@ -73,7 +73,8 @@ def main() -> None:
     prepare_rate = index["tokens"] / (time.perf_counter() - start)
     raw, _ = data.split(DataConfig(source=args.source))
     cached, _ = data.split(DataConfig(source=f"tokens:{cache_dir}"))
-    rows = {"today's path (text, data.workers=0)": (raw, 0), "data.workers=2": (raw, 2), "token cache (tokens:DIR)": (cached, 0)}
+    rows = {"today's path (text, data.workers=0)": (raw, 0), "data.workers=2": (raw, 2), "token cache (tokens:DIR)": (cached, 0),
+            "token cache, data.workers=2": (cached, 2)}
     results = {name: tokens_per_second(d, tokenizer, args.batches, w) for name, (d, w) in rows.items()}
     firsts = {"today's path": first_batch_seconds(raw, tokenizer), "token cache": first_batch_seconds(cached, tokenizer)}
   needs = v5p_needs()
