@@ -55,17 +55,22 @@ def _locate(message: str, step_dir: Path) -> str:
   return match.group(0) if match else str(step_dir)
 
 
-def _tuples(tree: Any) -> Any:
+def _tuples(tree: Any, slices: bool = False) -> Any:
+  """JSON lists back to tuples inside grain's packing remainder slices (other states, such as the
+  multiprocess prefetch's, keep lists)."""
   if isinstance(tree, dict):
-    return {k: _tuples(v) for k, v in tree.items()}
-  return tuple(_tuples(v) for v in tree) if isinstance(tree, list) else tree
+    return {k: _tuples(v, slices or k == "remainder_slices") for k, v in tree.items()}
+  if isinstance(tree, list):
+    items = [_tuples(v, slices) for v in tree]
+    return tuple(items) if slices else items
+  return tree
 
 
 class _DataPosition:
   """Adapts a grain iterator to grain's orbax handler (which takes bytes from other iterators).
   The position is taken when the save is asked for, since the asynchronous save writes it later while
-  training moves on; and JSON lists are turned back into tuples on restore, because grain's packing
-  compares its saved slices with a tuple and takes [-1, -1] for an unfinished document."""
+  training moves on; and JSON lists of its packing slices are turned back into tuples on restore, because grain's packing
+  compares them with a tuple and takes [-1, -1] for an unfinished document."""
 
   def __init__(self, iterator: Any):
     self.iterator = iterator

@@ -68,6 +68,9 @@ class DataConfig:
   val_source: str = ""
   val_fraction: float = 0.01
   shuffle_window: int = 1024
+  workers: int = 0  # grain worker processes that read and tokenize (0: in the training process)
+  # source -> weight; when set, replaces data.source and each source holds out its own val_fraction
+  mixture: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -183,6 +186,9 @@ def _coerce(key: str, value: Any, declared: Any) -> Any:
   elif tp is str:
     ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
     value = str(value) if ok else value
+  elif origin is dict and typing.get_args(tp)[1] is float:
+    ok = isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values())
+    value = {str(k): float(v) for k, v in value.items()} if ok else value
   elif origin is dict:
     ok = isinstance(value, dict)
     if ok:
@@ -210,7 +216,7 @@ def set_key(cfg: Config, key: str, value: Any, keys: dict[str, Any] | None = Non
   for p in path:
     node = getattr(node, p)
   value = _coerce(key, value, keys[key])
-  if isinstance(value, dict):  # rule tables merge, so one rule can be overridden alone
+  if key == "mesh.rules":  # rule tables merge, so one rule can be overridden alone
     known = getattr(node, leaf)
     for name in value.keys() - known.keys():
       close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
@@ -223,7 +229,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   flat = {}
   for k, v in d.items():
     name = prefix + str(k)
-    if isinstance(v, dict) and name != "mesh.rules":
+    if isinstance(v, dict) and name not in ("mesh.rules", "data.mixture"):
       flat.update(flatten(v, name + "."))
     else:
       flat[name] = v
@@ -264,6 +270,8 @@ def validate(cfg: Config) -> None:
       (t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
       (t.batch_size % t.grad_accum == 0, f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"),
       (0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)"),
+      (cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be 0 (read in the training process) or more"),
+      (not (cfg.data.mixture and cfg.data.val_source), "data.val_source does not apply to data.mixture: each source holds out its own data.val_fraction"),
       (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
       *[(v == -1 or v >= 1, f"mesh.{k}={v} must be -1 (the remaining devices) or at least 1")
         for k, v in (("data", cfg.mesh.data), ("fsdp", cfg.mesh.fsdp), ("tensor", cfg.mesh.tensor))],

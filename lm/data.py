@@ -8,18 +8,20 @@ read it: each process builds just the streams of its own rows.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from absl import flags
 import grain
 import grain.experimental as gx
 import numpy as np
 
 from lm.config import ConfigError, DataConfig
+from lm.formats import CompressedJsonLines, Parquet, record_text
+from lm.token_cache import TokenCache
 from lm.tokenizer import Tokenizer
 
 SPLIT_SEED = 0  # fixed, so the held-out documents never change with train.seed
@@ -60,13 +62,7 @@ class JsonLines:
     with open(self.paths[f], "rb") as fh:
       fh.seek(offset)
       line = fh.readline()
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{self.paths[f]}:{lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get(self.field), str):
-      raise ConfigError(f"{self.paths[f]}:{lineno}: no string field '{self.field}' (set data.text_field)")
-    return record[self.field]
+    return record_text(line, f"{self.paths[f]}:{lineno}", self.field)
 
 
 class ArrayRecords:
@@ -80,6 +76,21 @@ class ArrayRecords:
 
   def __getitem__(self, i: int) -> str:
     return self.source[i].decode("utf-8", errors="replace")
+
+
+class Mixture:
+  """Documents of several sources drawn in proportion to their weights (grain's deterministic mix);
+  as a sequence, each document of the sources appears at most once."""
+
+  def __init__(self, parts: Sequence[Any], weights: Sequence[float]):
+    self.parts, self.weights = list(parts), list(weights)
+    self.mixed = grain.MapDataset.mix([grain.MapDataset.source(p) for p in self.parts], self.weights)
+
+  def __len__(self) -> int:
+    return len(self.mixed)
+
+  def __getitem__(self, i: int) -> Any:
+    return self.mixed[i]
 
 
 class Subset:
@@ -122,28 +133,60 @@ def _match(pattern: str, spec: str) -> list[str]:
   return paths
 
 
+def _jsonl(spec: str, paths: list[str], text_field: str) -> Any:
+  compressed = [p.endswith((".gz", ".zst")) for p in paths]
+  if any(compressed) and not all(compressed):
+    raise ConfigError(f"data source '{spec}' matches both compressed and plain files; name one kind (or use data.mixture)")
+  return (CompressedJsonLines if all(compressed) else JsonLines)(paths, text_field)
+
+
+def _has_text(doc: str | np.ndarray) -> bool:
+  return bool(doc.strip()) if isinstance(doc, str) else len(doc) > 0
+
+
 def open_source(spec: str, text_field: str = "text") -> Any:
-  """`stdlib`, a path, directory or glob of text files, `jsonl:GLOB`, or `arrayrecord:GLOB`."""
+  """`stdlib`, a path, directory or glob of text files, `jsonl:GLOB` (plain, .gz or .zst),
+  `parquet:GLOB`, `arrayrecord:GLOB`, or `tokens:DIR` (a token cache: arrays of token ids)."""
   kind, sep, rest = spec.partition(":")
   if spec == "stdlib":
     source = TextFiles(stdlib_files())
   elif sep and kind == "jsonl":
-    source = JsonLines(_match(rest, spec), text_field)
+    source = _jsonl(spec, _match(rest, spec), text_field)
+  elif sep and kind == "parquet":
+    source = Parquet(_match(rest, spec), text_field)
+  elif sep and kind == "tokens":
+    source = TokenCache(rest)
   elif sep and kind == "arrayrecord":
     source = ArrayRecords(_match(rest, spec))
   else:
     source = TextFiles(_match(spec, spec))
-  if len(source) == 0 or not any(source[i].strip() for i in range(min(len(source), 64))):
+  if len(source) == 0 or not any(_has_text(source[i]) for i in range(min(len(source), 64))):
     raise ConfigError(f"data source '{spec}' has no text")
   return source
 
 
+def documents(spec: str, text_field: str = "text") -> Any:
+  """What a token cache stores of a source: its documents, a single long text cut into chunks."""
+  source = open_source(spec, text_field)
+  return chunks(source[0]) if len(source) == 1 else source
+
+
 def split(cfg: DataConfig) -> tuple[Any, Any | None]:
-  """(train, validation) documents; validation is None when nothing is held out."""
-  source = open_source(cfg.source, cfg.text_field)
+  """(train, validation) documents; validation is None when nothing is held out. In a mixture each
+  source holds out its own documents, and validation mixes them with the same weights."""
+  if cfg.mixture:
+    pairs = [_split_source(spec, cfg) for spec in cfg.mixture]
+    weights = list(cfg.mixture.values())
+    held = [(val, w) for (_, val), w in zip(pairs, weights) if val is not None]
+    return Mixture([t for t, _ in pairs], weights), (Mixture(*zip(*held)) if held else None)
   if cfg.val_source:
-    return source, open_source(cfg.val_source, cfg.text_field)
-  if len(source) == 1:
+    return open_source(cfg.source, cfg.text_field), open_source(cfg.val_source, cfg.text_field)
+  return _split_source(cfg.source, cfg)
+
+
+def _split_source(spec: str, cfg: DataConfig) -> tuple[Any, Any | None]:
+  source = open_source(spec, cfg.text_field)
+  if len(source) == 1 and isinstance(source[0], str):
     text = source[0]
     cut = int(len(text) * (1 - cfg.val_fraction))
     return chunks(text[:cut]), (chunks(text[cut:]) if cut < len(text) else None)
@@ -151,35 +194,88 @@ def split(cfg: DataConfig) -> tuple[Any, Any | None]:
   if cfg.val_fraction > 0 and held == 0:
     held = 1
   if held >= len(source):
-    raise ConfigError(f"data.val_fraction={cfg.val_fraction} holds out all {len(source)} documents of '{cfg.source}'")
+    raise ConfigError(f"data.val_fraction={cfg.val_fraction} holds out all {len(source)} documents of '{spec}'")
   order = np.random.default_rng(SPLIT_SEED).permutation(len(source))
   val = Subset(source, sorted(order[:held])) if held else None
   return Subset(source, sorted(order[held:])), val
 
 
-def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
-            shuffle_window: int = 1, rows: range | None = None) -> grain.IterDataset:
-  """Rows `rows` (default: all) of every global batch, the rows this process feeds to its devices:
-  dicts of [len(rows), seq_len] int32 arrays `inputs`, `targets`, `segment_ids` (0 marks padding)
-  and `positions`."""
-  bos, eos = tokenizer.bos_id, tokenizer.eos_id
+def _caches(cfg: DataConfig) -> list[TokenCache]:
+  specs = list(cfg.mixture) or [cfg.source, cfg.val_source]
+  return [TokenCache(s.partition(":")[2]) for s in specs if s.startswith("tokens:")]
 
-  def tokenize(text: str) -> dict[str, np.ndarray] | None:
-    ids = np.asarray([bos, *tokenizer.encode(text), eos] if bos >= 0 else [*tokenizer.encode(text), eos], np.int32)
+
+def cache_tokenizer(cfg: DataConfig) -> Path | None:
+  """The tokenizer a token cache among the sources was prepared with, for a run that names none."""
+  caches = _caches(cfg)
+  return caches[0].dir / "tokenizer.model" if caches else None
+
+
+def check_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+  digest = tokenizer.sha256
+  for cache in _caches(cfg):
+    if cache.tokenizer_sha256 != digest:
+      raise ConfigError(f"token cache '{cache.dir}' was prepared with tokenizer {cache.index['tokenizer']['path']}, not {tokenizer.path}; "
+                        f"set tokenizer.path={cache.dir / 'tokenizer.model'} or prepare the cache again with this one")
+
+
+def shuffled_documents(docs: Any, seed: int) -> grain.MapDataset:
+  """An endless seeded shuffle of the documents (of each source, for a mixture, then mixed)."""
+  if isinstance(docs, Mixture):
+    return grain.MapDataset.mix([shuffled_documents(p, seed + i) for i, p in enumerate(docs.parts)], docs.weights)
+  return grain.MapDataset.source(docs).shuffle(seed).repeat()
+
+
+class _Tokenize(grain.transforms.Map):
+  """A document (text, or token ids from a cache) as BOS + ids + EOS, split into inputs and targets;
+  None when that leaves nothing to predict. (Named transforms: grain reads a lambda's source to name
+  it, for every stream.)"""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+
+  def map(self, doc: str | np.ndarray) -> dict[str, np.ndarray] | None:
+    bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+    body = self.tokenizer.encode(doc) if isinstance(doc, str) else doc
+    ids = np.concatenate([[bos] if bos >= 0 else [], body, [eos]]).astype(np.int32)
     return {"inputs": ids[:-1], "targets": ids[1:]} if len(ids) > 1 else None
 
-  def rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+
+class _Something(grain.transforms.Filter):
+  def filter(self, element: Any) -> bool:
+    return element is not None
+
+
+class _Rename(grain.transforms.Map):
+  def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"inputs": row["inputs"], "targets": row["targets"],
             "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
 
-  shuffled = grain.MapDataset.source(docs).shuffle(seed).repeat()
+
+class _Stack(grain.transforms.Map):
+  def map(self, rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
+            shuffle_window: int = 1, rows: range | None = None, workers: int = 0) -> grain.IterDataset:
+  """Rows `rows` (default: all) of every global batch, the rows this process feeds to its devices:
+  dicts of [len(rows), seq_len] int32 arrays `inputs`, `targets`, `segment_ids` (0 marks padding)
+  and `positions`. With `workers`, grain's worker processes each make every `workers`-th batch
+  (documents sliced among them), so the order depends on the worker count too, and is as
+  deterministic and resumable."""
+  shuffled = shuffled_documents(docs, seed).map(_Tokenize(tokenizer))
   streams = []
   for j in rows or range(global_batch):
     # Streams are read synchronously: one prefetch thread below serves all of them.
-    stream = shuffled[j::global_batch].map(tokenize).filter(lambda x: x is not None).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    stream = shuffled[j::global_batch].filter(_Something()).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     stream = gx.ConcatThenSplitIterDataset(stream, length_struct={"inputs": seq_len, "targets": seq_len})
     if shuffle_window > 1:
       stream = gx.WindowShuffleIterDataset(stream, window_size=shuffle_window, seed=seed + j)
-    streams.append(stream.map(rename))
-  stacked = gx.ZipIterDataset(streams).map(lambda rows: {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    streams.append(stream.map(_Rename()))
+  stacked = gx.ZipIterDataset(streams).map(_Stack())
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag here that scripts never parse (google/grain#1355)
+      flags.FLAGS.mark_as_parsed()
+    stacked = stacked.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   return gx.ThreadPrefetchIterDataset(stacked, prefetch_buffer_size=2)

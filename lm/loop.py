@@ -203,8 +203,9 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   ckpts = Checkpoints(workdir / "checkpoints", cfg.checkpoint)
   source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
   train_docs, val_docs = data.split(cfg.data)
-  inherited = run_tokenizer(resume.parse_init_from(init_from)[0], source[2]) if source else None
+  inherited = run_tokenizer(resume.parse_init_from(init_from)[0], source[2]) if source else data.cache_tokenizer(cfg.data)
   tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited)
+  data.check_tokenizer(cfg.data, tokenizer)
   resolve_vocab(cfg, tokenizer)
   distributed.check_same_config(config.to_dict(cfg))
   meta = run_meta(config.to_dict(cfg), tokenizer.path)
@@ -215,7 +216,8 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
 
   steps = Steps(cfg, mesh)
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
-  train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=cfg.data.shuffle_window, **stream))
+  train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=cfg.data.shuffle_window,
+                                 workers=cfg.data.workers, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
   state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say)
   start = int(state.step)

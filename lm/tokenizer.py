@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,6 +19,16 @@ class Tokenizer:
       raise ConfigError(f"tokenizer.path '{path}' does not exist; point it at a sentencepiece .model or leave it empty to train one")
     self.path = path
     self.sp = spm.SentencePieceProcessor(model_file=str(path))
+
+  @property
+  def sha256(self) -> str:
+    return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+  def __getstate__(self) -> dict:
+    return {"path": self.path}  # worker processes load the model again
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state["path"])
 
   @property
   def vocab_size(self) -> int:

@@ -1,11 +1,12 @@
 """Sources, splits and packed grain pipelines on files the tests write."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
-from lm import data
+from lm import data, token_cache
 from lm.config import ConfigError, DataConfig
 
 
@@ -144,3 +145,174 @@ def test_iterator_state_restores_the_exact_position(tmp_path, tokenizer):
       np.testing.assert_array_equal(got[k], want[k])
   other_seed = next(iter(data.batches(docs, tokenizer, **{**kw, "seed": 6})))
   assert not np.array_equal(other_seed["inputs"], next(iter(data.batches(docs, tokenizer, **kw)))["inputs"])
+
+
+def write_corpus_formats(folder, texts):
+  """The same documents as Parquet (two row groups), gzip and zstd JSON Lines (with blank lines)."""
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+
+  folder.mkdir(exist_ok=True)
+  pq.write_table(pa.table({"id": list(range(len(texts))), "body": texts}), folder / "docs.parquet", row_group_size=len(texts) // 2 + 1)
+  lines = "".join(json.dumps({"body": t}) + "\n" + ("\n" if i % 3 == 0 else "") for i, t in enumerate(texts)).encode()
+  (folder / "docs.jsonl.gz").write_bytes(gzip.compress(lines))
+  (folder / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+
+
+def test_parquet_gzip_and_zstd_sources_round_trip_and_name_bad_rows(tmp_path, monkeypatch):
+  from lm import formats
+  monkeypatch.setattr(formats, "BLOCK_BYTES", 200)  # many blocks, so documents are found across them
+  texts = write_docs(tmp_path / "txt", 30)
+  write_corpus_formats(tmp_path, texts)
+  for spec in (f"parquet:{tmp_path}/*.parquet", f"jsonl:{tmp_path}/*.jsonl.gz", f"jsonl:{tmp_path}/*.jsonl.zst"):
+    source = data.open_source(spec, text_field="body")
+    assert [source[i] for i in reversed(range(len(source)))] == texts[::-1], spec
+  index = tmp_path / "docs.jsonl.zst.lmindex.npz"
+  built = index.stat().st_mtime_ns
+  assert data.open_source(f"jsonl:{tmp_path}/*.jsonl.zst", text_field="body")[29] == texts[29]
+  assert index.stat().st_mtime_ns == built  # built once, cached beside the data
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  pq.write_table(pa.table({"body": ["fine", None]}), tmp_path / "bad.parquet")
+  with pytest.raises(ConfigError, match=r"^\S*bad.parquet: row 1: 'body' is NoneType, not a string$"):
+    data.open_source(f"parquet:{tmp_path}/bad.parquet", text_field="body")[1]
+  with pytest.raises(ConfigError, match=r"^\S*docs.parquet: no column 'text' \(set data.text_field; columns: id, body\)$"):
+    data.open_source(f"parquet:{tmp_path}/docs.parquet")
+  (tmp_path / "bad.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "fine"}\n\n{"body": broken\n'))
+  with pytest.raises(ConfigError, match=r"^\S*bad.jsonl.zst:3: malformed JSON"):
+    data.open_source(f"jsonl:{tmp_path}/bad.jsonl.zst", text_field="body")[1]
+  (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "docs.jsonl.gz").read_bytes()[:-20])
+  with pytest.raises(ConfigError, match=r"^\S*cut.jsonl.gz: cannot decompress"):
+    data.open_source(f"jsonl:{tmp_path}/cut.jsonl.gz", text_field="body")
+
+
+def prepare(*args):
+  import subprocess
+  import sys
+
+  from tests.conftest import ROOT
+  return subprocess.run([sys.executable, "-m", "launch.prepare", "--quiet", *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer(tmp_path, tokenizer, shared_data):
+  write_docs(tmp_path / "txt", 30)
+  make = ["--workers", 2, "--shard-docs", 4, f"data.source={tmp_path / 'txt'}", f"tokenizer.path={tokenizer.path}"]
+  out = prepare("--out", tmp_path / "cache", *make)
+  assert out.returncode == 0, out.stderr
+
+  # An interruption leaves some shards, a half-written one, and an index that is not complete.
+  interrupted = tmp_path / "interrupted"
+  shutil.copytree(tmp_path / "cache", interrupted)
+  for name in ("00002.tokens.npy", "00002.offsets.npy", "00005.offsets.npy", "00007.tokens.npy", "00007.offsets.npy"):
+    (interrupted / name).unlink()
+  (interrupted / "00005.tokens.npy").rename(interrupted / "00005.tokens.tmp123")
+  index = json.loads((interrupted / "index.json").read_text())
+  (interrupted / "index.json").write_text(json.dumps({**index, "complete": False}))
+  with pytest.raises(ConfigError, match=r"^token cache '.*interrupted' is incomplete; rerun the same lm-prepare command to finish it$"):
+    data.open_source(f"tokens:{interrupted}")
+  assert prepare("--out", interrupted, *make).returncode == 0
+  files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+  assert sorted(p.name for p in interrupted.iterdir()) == files
+  assert all((interrupted / f).read_bytes() == (tmp_path / "cache" / f).read_bytes() for f in files)
+
+  cfg = dict(val_fraction=0.1)
+  raw_train, raw_val = data.split(DataConfig(source=str(tmp_path / "txt"), **cfg))
+  train, val = data.split(DataConfig(source=f"tokens:{tmp_path / 'cache'}", **cfg))
+  assert [list(val[i]) for i in range(len(val))] == [tokenizer.encode(raw_val[i]) for i in range(len(raw_val))]
+  kw = dict(seq_len=32, global_batch=4, seed=2, shuffle_window=3)
+  raw_it, it = iter(data.batches(raw_train, tokenizer, **kw)), iter(data.batches(train, tokenizer, **kw))
+  for _ in range(8):
+    want, got = next(raw_it), next(it)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+  from lm.tokenizer import Tokenizer
+  other = Tokenizer(shared_data / "c4_en_32k_sentencepiece.model")
+  with pytest.raises(ConfigError, match=r"^token cache '.*cache' was prepared with tokenizer .*t.model, not .*c4_en_32k_sentencepiece.model; set tokenizer.path=.*cache/tokenizer.model or prepare the cache again with this one$"):
+    data.check_tokenizer(DataConfig(source=f"tokens:{tmp_path / 'cache'}"), other)
+  with pytest.raises(ConfigError, match=r"^'.*cache' holds a token cache of '.*txt' \(30 documents, tokenizer .*t.model\); use another directory for '.*txt'$"):
+    token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), other, tmp_path / "cache", workers=1, shard_docs=4)
+  with pytest.raises(ConfigError, match=r"^'.*txt' is not empty and holds no token cache; name a new directory$"):
+    token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), tokenizer, tmp_path / "txt", workers=1, shard_docs=4)
+
+
+def test_workers_keep_a_resumable_order(tmp_path, tokenizer):
+  from lm.checkpoint import _DataPosition
+  write_docs(tmp_path / "txt", 30)
+  docs = data.open_source(str(tmp_path / "txt"))
+  kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3, workers=2)
+  it = iter(data.batches(docs, tokenizer, **kw))
+  for _ in range(5):
+    next(it)
+  saved = _DataPosition(it).freeze().get_state()  # as a checkpoint stores it: JSON
+  expected = [next(it) for _ in range(4)]
+  it.close()
+  resumed = iter(data.batches(docs, tokenizer, **kw))
+  _DataPosition(resumed).set_state(saved)
+  for want in expected:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  resumed.close()
+
+
+def test_mixture_follows_its_weights_holds_out_per_source_and_resumes(tmp_path, tokenizer):
+  from lm import config
+  a, b = set(write_docs(tmp_path / "a", 40)), set(write_docs(tmp_path / "b", 20))
+  b = {t.replace("document", "other") for t in b}
+  for p in (tmp_path / "b").iterdir():
+    p.write_text(p.read_text().replace("document", "other"))
+  cfg = config.load(None, [f"data.mixture={{'{tmp_path / 'a'}': 0.7, '{tmp_path / 'b'}': 0.3}}", "data.val_fraction=0.1"])
+  assert config.from_dict(config.to_dict(cfg)).data.mixture == {str(tmp_path / "a"): 0.7, str(tmp_path / "b"): 0.3}
+  train, val = data.split(cfg.data)
+  drawn = data.shuffled_documents(train, seed=1)
+  first = [drawn[i] for i in range(2000)]
+  assert sum(d in a for d in first) / 2000 == pytest.approx(0.7, abs=0.01)
+  assert sum(d in b for d in first) + sum(d in a for d in first) == 2000
+  held = [val.parts[i][j] for i in range(2) for j in range(len(val.parts[i]))]
+  assert sum(d in a for d in held) == 4 and sum(d in b for d in held) == 2 and not set(held) & set(first)
+
+  kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3)
+  it = iter(data.batches(train, tokenizer, **kw))
+  for _ in range(6):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(data.batches(train, tokenizer, **kw))
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.slow
+def test_training_on_a_token_cache_matches_the_raw_source_and_resumes_bitwise(tmp_path, tokenizer):
+  import signal
+
+  from tests.conftest import run_trainer
+  from tests.test_checkpoint import STEPS, losses, start, wait_for
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i, path in enumerate(data.stdlib_files()[::25]):
+    shutil.copyfile(path, corpus / f"{i:04d}.py")
+  assert prepare("--out", tmp_path / "cache", "--workers", 2, f"data.source={corpus}", f"tokenizer.path={tokenizer.path}").returncode == 0
+
+  raw = run_trainer(tmp_path / "raw", *STEPS, f"data.source={corpus}", f"tokenizer.path={tokenizer.path}")
+  assert raw.returncode == 0, raw.stderr
+  cached = tmp_path / "cached"
+  on_cache = [*STEPS, f"data.source=tokens:{tmp_path / 'cache'}"]  # the tokenizer comes from the cache
+  proc = start(cached, *on_cache)
+  wait_for(lambda: (cached / "metrics.jsonl").exists() and len(losses(cached)) >= 3)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "stopped by SIGTERM" in stdout, stderr
+  out = run_trainer(cached, *on_cache)
+  assert out.returncode == 0 and "resumed from step" in out.stdout, out.stderr
+  assert losses(cached) == losses(tmp_path / "raw") and len(losses(cached)) == 12  # bitwise, every step

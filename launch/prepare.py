@@ -1,0 +1,50 @@
+"""Tokenize a source once into a token cache that training reads as data.source=tokens:OUT:
+python -m launch.prepare --out DIR [--config YAML] data.source=... [tokenizer.path=...] [key=value ...]
+
+Rerunning the same command resumes an interrupted one. Without tokenizer.path, a tokenizer is
+trained on the source first (as lm-train would) and kept in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lm import config, data, token_cache
+from lm.config import ConfigError
+from lm.tokenizer import Tokenizer, train as train_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="lm-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", required=True, help="the cache directory")
+  parser.add_argument("--config", help="YAML preset whose data and tokenizer settings to use")
+  parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizing processes (default: every core)")
+  parser.add_argument("--shard-docs", type=int, default=1024, help="documents per shard")
+  parser.add_argument("--quiet", action="store_true", help="no progress bar")
+  parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. data.source='jsonl:web/*.jsonl.zst'")
+  args = parser.parse_args(argv)
+  try:
+    if args.workers < 1 or args.shard_docs < 1:
+      raise ConfigError(f"--workers={args.workers} and --shard-docs={args.shard_docs} must be at least 1")
+    cfg = config.load(args.config, args.overrides)
+    docs = data.documents(cfg.data.source, cfg.data.text_field)
+    if cfg.tokenizer.path:
+      tokenizer = Tokenizer(cfg.tokenizer.path)
+    elif (Path(args.out) / "tokenizer.model").exists():
+      tokenizer = Tokenizer(Path(args.out) / "tokenizer.model")
+    else:
+      tokenizer = train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, Path(args.out) / "tokenizer.model")
+    index = token_cache.prepare(docs, cfg.data.source, tokenizer, args.out, workers=args.workers,
+                                shard_docs=args.shard_docs, progress=not args.quiet)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"{args.out}: {index['documents']:,} documents, {index['tokens']:,} tokens; train with data.source=tokens:{args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

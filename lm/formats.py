@@ -1,0 +1,156 @@
+"""Corpus formats read with random access: Parquet row groups, and gzip or zstd JSON Lines through a
+block index built once and cached beside each file."""
+
+from __future__ import annotations
+
+import bisect
+import gzip
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import zstandard
+
+from lm.config import ConfigError
+
+BLOCK_BYTES = 1 << 20  # lines are recompressed in independent zstd blocks of about this many bytes
+
+
+def record_text(line: bytes, where: str, field: str) -> str:
+  """The `field` of one JSON Lines record; `where` is FILE:LINE for the one-line error."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{where}: malformed JSON ({e.msg})") from None
+  if not isinstance(record, dict) or not isinstance(record.get(field), str):
+    raise ConfigError(f"{where}: no string field '{field}' (set data.text_field)")
+  return record[field]
+
+
+class Parquet:
+  """Each row's `field`; a document is read with its row group, and the last row group of each file is kept."""
+
+  def __init__(self, paths: Sequence[str], field: str):
+    self.paths, self.field, self.groups, self.starts = list(paths), field, [], [0]
+    for f, path in enumerate(self.paths):
+      try:
+        meta = pq.ParquetFile(path).metadata
+      except Exception as e:  # pyarrow raises several kinds for a file that is not Parquet
+        raise ConfigError(f"{path}: not a Parquet file ({' '.join(str(e).split())[:120]})") from None
+      if field not in meta.schema.names:
+        raise ConfigError(f"{path}: no column '{field}' (set data.text_field; columns: {', '.join(meta.schema.names)})")
+      file_row = 0  # of the group's first row, for error messages
+      for g in range(meta.num_row_groups):
+        if rows := meta.row_group(g).num_rows:
+          self.groups.append((f, g, file_row))
+          self.starts.append(self.starts[-1] + rows)
+          file_row += rows
+    self.cached: dict[int, tuple[int, list[Any]]] = {}
+
+  def __len__(self) -> int:
+    return self.starts[-1]
+
+  def __getitem__(self, i: int) -> str:
+    k = bisect.bisect_right(self.starts, i) - 1
+    f, g, file_row = self.groups[k]
+    group = self.cached.get(f)  # a local, since validation may read while the training thread does
+    if group is None or group[0] != g:
+      group = g, pq.ParquetFile(self.paths[f]).read_row_group(g, columns=[self.field]).column(0).to_pylist()
+      self.cached[f] = group
+    text = group[1][i - self.starts[k]]
+    if not isinstance(text, str):
+      raise ConfigError(f"{self.paths[f]}: row {file_row + i - self.starts[k]}: '{self.field}' is {type(text).__name__}, not a string")
+    return text
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "cached": {}}
+
+
+def _decompressed(path: str):
+  if path.endswith(".gz"):
+    return gzip.open(path, "rb")
+  reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+  return io.BufferedReader(reader)  # for its lines
+
+
+def _build_index(path: str, blocks_path: Path, index_path: Path) -> None:
+  """Decompresses `path` once and writes its non-empty lines as independent zstd blocks."""
+  compressor = zstandard.ZstdCompressor(level=3)
+  starts, ends, linenos, pending = [], [], [], []
+  block_offsets, block_starts = [0], [0]  # in the blocks file; in the decompressed lines
+  tmp_blocks, tmp_index = (Path(f"{p}.tmp{os.getpid()}") for p in (blocks_path, index_path))
+  with _decompressed(path) as lines, open(tmp_blocks, "wb") as out:
+    try:
+      for lineno, line in enumerate(lines, 1):
+        if line.strip():
+          starts.append(ends[-1] if ends else 0)
+          ends.append(starts[-1] + len(line))
+          linenos.append(lineno)
+          pending.append(line)
+        if pending and (ends[-1] - block_starts[-1] >= BLOCK_BYTES):
+          block_offsets.append(block_offsets[-1] + out.write(compressor.compress(b"".join(pending))))
+          block_starts.append(ends[-1])
+          pending = []
+    except (OSError, EOFError, zstandard.ZstdError) as e:
+      tmp_blocks.unlink()
+      raise ConfigError(f"{path}: cannot decompress ({' '.join(str(e).split())[:120]})") from None
+    if pending:
+      block_offsets.append(block_offsets[-1] + out.write(compressor.compress(b"".join(pending))))
+      block_starts.append(ends[-1])
+  stat = os.stat(path)
+  arrays = {"starts": starts, "ends": ends, "linenos": linenos, "block_offsets": block_offsets,
+            "block_starts": block_starts, "source": [stat.st_size, stat.st_mtime_ns]}
+  with open(tmp_index, "wb") as f:
+    np.savez(f, **{k: np.asarray(v, np.int64) for k, v in arrays.items()})
+  tmp_blocks.rename(blocks_path)
+  tmp_index.rename(index_path)
+
+
+class CompressedJsonLines:
+  """`.jsonl.gz` or `.jsonl.zst` files; FILE.lmindex.npz and FILE.lmindex.zst beside each hold its
+  lines in blocks of about BLOCK_BYTES, so a document costs one block's decompression. They are built
+  on first use and rebuilt when the file changes."""
+
+  def __init__(self, paths: Sequence[str], field: str):
+    self.paths, self.field, self.files, self.counts = list(paths), field, [], [0]
+    for path in self.paths:
+      index_path, blocks_path = Path(path + ".lmindex.npz"), Path(path + ".lmindex.zst")
+      stat = os.stat(path)
+      fresh = index_path.exists() and blocks_path.exists() and \
+          list(np.load(index_path)["source"]) == [stat.st_size, stat.st_mtime_ns]
+      if not fresh:
+        try:
+          _build_index(path, blocks_path, index_path)
+        except PermissionError:
+          raise ConfigError(f"{path}: cannot write its index beside it ({index_path}); copy the data somewhere writable") from None
+      index = dict(np.load(index_path))
+      self.files.append(index)
+      self.counts.append(self.counts[-1] + len(index["starts"]))
+    self.cached: dict[int, tuple[int, bytes]] = {}
+
+  def __len__(self) -> int:
+    return self.counts[-1]
+
+  def __getitem__(self, i: int) -> str:
+    f = bisect.bisect_right(self.counts, i) - 1
+    index, k = self.files[f], i - self.counts[f]
+    start = int(index["starts"][k])
+    b = bisect.bisect_right(index["block_starts"], start) - 1
+    block = self.cached.get(f)
+    if block is None or block[0] != b:
+      with open(self.paths[f] + ".lmindex.zst", "rb") as fh:
+        fh.seek(int(index["block_offsets"][b]))
+        raw = fh.read(int(index["block_offsets"][b + 1] - index["block_offsets"][b]))
+      block = b, zstandard.ZstdDecompressor().decompress(raw)
+      self.cached[f] = block
+    base = int(index["block_starts"][b])
+    line = block[1][start - base:int(index["ends"][k]) - base]
+    return record_text(line, f"{self.paths[f]}:{int(index['linenos'][k])}", self.field)
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "cached": {}}

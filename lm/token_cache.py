@@ -1,0 +1,115 @@
+"""A token cache: a source's documents tokenized once, in worker processes, into `.npy` shards.
+
+DIR/index.json names the source, the tokenizer (its SHA-256) and the shards; DIR/tokenizer.model is a
+copy of the tokenizer; shard s holds documents [s * shard_docs, (s + 1) * shard_docs) as
+`NNNNN.tokens.npy` (uint32 ids, one document after another) and `NNNNN.offsets.npy` (where each
+starts). A shard appears only once both files are complete, so an interrupted prepare resumes from
+the shards already there and writes the same files an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tqdm
+
+from lm.config import ConfigError
+from lm.tokenizer import Tokenizer
+
+FORMAT = 1
+_worker: dict[str, Any] = {}  # the documents and tokenizer of a prepare worker process
+
+
+def _shard_paths(out: Path, s: int) -> tuple[Path, Path]:
+  return out / f"{s:05d}.tokens.npy", out / f"{s:05d}.offsets.npy"
+
+
+def _start_worker(docs: Any, tokenizer_path: str, out: Path, shard_docs: int) -> None:
+  _worker.update(docs=docs, tokenizer=Tokenizer(tokenizer_path), out=out, shard_docs=shard_docs)
+
+
+def _write_shard(s: int) -> int:
+  docs, sp, out, per = _worker["docs"], _worker["tokenizer"], _worker["out"], _worker["shard_docs"]
+  ids = [np.asarray(sp.encode(docs[i]), np.uint32) for i in range(s * per, min(len(docs), (s + 1) * per))]
+  offsets = np.cumsum([0] + [len(x) for x in ids], dtype=np.int64)
+  tokens_path, offsets_path = _shard_paths(out, s)
+  for path, array in ((tokens_path, np.concatenate(ids)), (offsets_path, offsets)):  # offsets last: they mark it done
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+      np.save(f, array)
+    tmp.rename(path)
+  return int(offsets[-1])
+
+
+def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, workers: int, shard_docs: int,
+            progress: bool = True) -> dict[str, Any]:
+  """Writes (or finishes) the cache of `docs`, the documents of `source`, in `out`; returns its index."""
+  out = Path(out)
+  plan = {"format": FORMAT, "source": source, "documents": len(docs), "shard_docs": shard_docs,
+          "tokenizer": {"path": str(tokenizer.path.absolute()), "sha256": tokenizer.sha256}}
+  index_path = out / "index.json"
+  if index_path.exists():
+    old = json.loads(index_path.read_text())
+    same = all(old.get(k) == plan[k] for k in ("format", "source", "documents", "shard_docs"))
+    if not same or old["tokenizer"]["sha256"] != plan["tokenizer"]["sha256"]:
+      raise ConfigError(f"'{out}' holds a token cache of {old.get('source')!r} ({old.get('documents')} documents, "
+                        f"tokenizer {old['tokenizer']['path']}); use another directory for {source!r}")
+  elif out.is_dir() and {p.name for p in out.iterdir()} - {"tokenizer.model"}:
+    raise ConfigError(f"'{out}' is not empty and holds no token cache; name a new directory")
+  out.mkdir(parents=True, exist_ok=True)
+  for leftover in out.glob("*.tmp*"):  # a shard an interrupted run was writing
+    leftover.unlink()
+  index_path.write_text(json.dumps({**plan, "complete": False}, indent=2))
+  if tokenizer.path.absolute() != (out / "tokenizer.model").absolute():
+    shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+  shards = -(-len(docs) // shard_docs)
+  todo = [s for s in range(shards) if not _shard_paths(out, s)[1].exists()]
+  bar = tqdm.tqdm(total=shards, initial=shards - len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
+  args = (docs, str(tokenizer.path), out, shard_docs)
+  with multiprocessing.get_context("fork").Pool(workers, _start_worker, args) as pool:
+    for tokens in pool.imap_unordered(_write_shard, todo):
+      bar.update()
+      bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+  bar.close()
+  counts = [int(np.load(_shard_paths(out, s)[1], mmap_mode="r")[-1]) for s in range(shards)]
+  index = {**plan, "complete": True, "tokens": sum(counts), "shard_tokens": counts}
+  index_path.write_text(json.dumps(index, indent=2))
+  return index
+
+
+class TokenCache:
+  """The cache's documents as uint32 token arrays, read through memory maps."""
+
+  def __init__(self, folder: str | Path):
+    self.dir = Path(folder)
+    index_path = self.dir / "index.json"
+    if not index_path.is_file():
+      raise ConfigError(f"data source 'tokens:{folder}' has no index.json; write it with lm-prepare --out {folder}")
+    self.index = json.loads(index_path.read_text())
+    if self.index.get("format") != FORMAT or not self.index.get("complete"):
+      raise ConfigError(f"token cache '{folder}' is incomplete; rerun the same lm-prepare command to finish it")
+    self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # (tokens, offsets), opened on first use
+
+  @property
+  def tokenizer_sha256(self) -> str:
+    return self.index["tokenizer"]["sha256"]
+
+  def __len__(self) -> int:
+    return self.index["documents"]
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    s, k = divmod(i, self.index["shard_docs"])
+    if s not in self.shards:
+      tokens_path, offsets_path = _shard_paths(self.dir, s)
+      self.shards[s] = np.load(tokens_path, mmap_mode="r"), np.load(offsets_path)
+    tokens, offsets = self.shards[s]
+    return tokens[offsets[k]:offsets[k + 1]]
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "shards": {}}  # memory maps are reopened in each worker process
