@@ -212,7 +212,8 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
       if op and not re.search(r"-start\(", line):
         for dtype, dims in ARRAY.findall(op.group(1)):
           shape = tuple(int(d) for d in dims.split(",") if d)
-          found.append((op.group(2), shape, math.prod(shape) * np.dtype(dtype.replace("pred", "bool")).itemsize, times))
+          itemsize = 1 if dtype == "pred" or dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)) // 8
+          found.append((op.group(2), shape, math.prod(shape) * itemsize, times))
       trips = int(m.group(1)) if (m := TRIPS.search(line)) else 1
       for callees in CALLEE.findall(line):
         for callee in callees.replace("%", "").split(","):

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
     sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides)
     requests = sampler.requests(prompts, args.num_samples, args.max_new_tokens)
-    knobs = Knobs(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    knobs = Knobs(args.temperature, args.top_k, args.top_p, args.seed)
     writer = jax.process_index() == 0  # every process samples its share; one writes
     out = sys.stdout if writer else None
     if args.output:

@@ -107,7 +107,7 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
     assert len({len(w) for w in want}) > 2
     for batch_size, chunk, static in [(3, 4, False), (4, 7, False), (4, 7, True)]:
       sampler.timing = type(sampler.timing)()
-      got = list(sampler.run(sampler.requests(JOB, 1, n), Knobs(n, **knobs), batch_size=batch_size, chunk=chunk,
+      got = list(sampler.run(sampler.requests(JOB, 1, n), Knobs(**knobs), batch_size=batch_size, chunk=chunk,
                              stop_tokens=sorted(stops), static=static))
       got.sort(key=lambda c: c.index)
       assert [c.token_ids for c in got] == want, (knobs, batch_size, chunk, static)
@@ -150,6 +150,30 @@ def test_sampling_knobs():
   assert len(np.unique(free)) > 30
   again, _ = choose(keys, logits, *args(1.0, 0, 1.0))
   np.testing.assert_array_equal(free, again)
+
+
+def test_temperature_top_k_and_top_p_together_match_numpy():
+  """Frequencies of 20000 draws against the distribution numpy computes from the logits; ids of a
+  padded vocabulary's tail are never drawn, greedy or sampled, however likely the model makes them."""
+  V, T, k, p, N = 40, 0.7, 10, 0.8, 20000
+  logits = np.random.default_rng(0).normal(0, 2, V).astype(np.float32)
+  order = np.argsort(-logits)[:k]
+  probs = np.exp(logits[order] / T - (logits[order] / T).max())
+  probs /= probs.sum()
+  nucleus = order[:int(np.sum(np.cumsum(probs) - probs < p))]  # the smallest prefix reaching p
+  want = np.zeros(V)
+  want[nucleus] = np.exp(logits[nucleus] / T) / np.exp(logits[nucleus] / T).sum()
+  keys = jax.random.split(jax.random.key(1), N)
+  tokens, _ = choose(keys, jnp.tile(logits, (N, 1)), jnp.float32(T), jnp.int32(k), jnp.float32(p))
+  freq = np.bincount(np.asarray(tokens), minlength=V) / N
+  assert set(np.flatnonzero(freq)) == set(nucleus.tolist())
+  np.testing.assert_allclose(freq, want, atol=0.015)
+  padded = np.concatenate([logits, np.full(8, 50.0, np.float32)])
+  for knobs in ((0.0, 0, 1.0), (1.0, 0, 1.0), (T, k, p)):
+    drawn, _ = choose(keys[:500], jnp.tile(padded, (500, 1)), *map(jnp.asarray, knobs), vocab=V)
+    assert np.asarray(drawn).max() < V
+  greedy, _ = choose(keys[:2], jnp.tile(padded, (2, 1)), jnp.float32(0), jnp.int32(0), jnp.float32(1), vocab=V)
+  assert set(np.asarray(greedy)) == {int(np.argmax(logits))}
 
 
 def test_seeds_samples_and_logprobs(tokenizer):
@@ -217,6 +241,10 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
     assert r["token_ids"] == until_eos(want, sampler.tokenizer.eos_id)
   for s in (default, sampler):
     assert [c.token_ids for c in s.generate(["def f(x):", "import"], max_new_tokens=6)] == [r["token_ids"] for r in rows]
+  tokenizer = default.tokenizer.path
+  tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")  # another tokenizer where the run's was
+  with pytest.raises(ConfigError, match=rf"tokenizer '{tokenizer}' has SHA-256 \w+\.\.\., but step 4 was trained with \w+\.\.\.; restore the run's tokenizer"):
+    Sampler.from_workdir(run)
 
 
 @pytest.fixture(scope="module")
