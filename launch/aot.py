@@ -246,8 +246,8 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   from flax import nnx
 
   from lm import sharding
+  from lm.params import abstract_model, param_shardings
   from lm.sampler import Sampler, bucket
-  from lm.train import abstract_model, param_shardings
 
   hbm = CHIPS[family][0]
   rules = cfg.mesh.rules
