@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError("model.vocab_size is 0; set it (the tokenizer is not loaded here)")
     mesh = topology_mesh(cfg, family, dims, args.slices)
     step = fit_batch(cfg, mesh, family, args.slices) if args.fit else compile_step(cfg, mesh, family, args.slices)
-    reports = [step] + ([compile_sampler(cfg, mesh, family, *sample)] if sample else [])
+    reports = [step]
+    if sample:
+      sample_cfg = sampling_config(cfg, mesh.devices.size, any(o.startswith("mesh.") for o in args.overrides))
+      reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -130,6 +133,17 @@ def sample_shape(text: str) -> tuple[int, int, int]:
   if not match or 0 in (sizes := tuple(map(int, match.groups()))):
     raise ConfigError(f"--sample '{text}' is not ROWS,PROMPT,NEW with three positive numbers (for example 16,1024,1024)")
   return sizes
+
+
+def sampling_config(cfg: config.Config, chips: int, mesh_given: bool) -> config.Config:
+  """What lm-sample decodes with: the decode mesh, unless mesh.* overrides name one."""
+  import dataclasses
+
+  from lm.sampler import decode_mesh
+
+  if mesh_given:
+    return cfg
+  return dataclasses.replace(cfg, mesh=dataclasses.replace(decode_mesh(cfg.model, chips), rules=cfg.mesh.rules))
 
 
 def topology_mesh(cfg: config.Config, family: str, dims: tuple[int, ...], slices: int):
@@ -246,16 +260,72 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   return {"rows": rows, "fits": fits}
 
 
+COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-done)?\(")
+ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
+CALLEE = re.compile(r"\b(?:calls|body|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?")
+TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
+  """Every collective a compiled module runs, as (kind, result shape, bytes, times run): ops inside a
+  loop body count once per iteration of each loop around them (XLA's known trip counts)."""
+  import numpy as np
+
+  bodies: dict[str, list[str]] = {}
+  name = None
+  for line in hlo.splitlines():
+    head = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name = head.group(1)
+      bodies[name] = []
+      if line.startswith("ENTRY"):
+        entry = name
+    elif name is not None:
+      bodies[name].append(line)
+  found = []
+
+  def walk(comp: str, times: int) -> None:
+    for line in bodies.get(comp, []):
+      op = COLLECTIVE.search(line)
+      if op and not re.search(r"-start\(", line):
+        for dtype, dims in ARRAY.findall(op.group(1)):
+          shape = tuple(int(d) for d in dims.split(",") if d)
+          itemsize = 1 if dtype == "pred" or dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)) // 8
+          found.append((op.group(2), shape, math.prod(shape) * itemsize, times))
+      trips = int(m.group(1)) if (m := TRIPS.search(line)) else 1
+      for callees in CALLEE.findall(line):
+        for callee in callees.replace("%", "").split(","):
+          walk(callee.strip(), times * (trips if "body=" in line else 1))
+
+  walk(entry, 1)
+  return found
+
+
+def is_weight(shape: tuple[int, ...], params) -> bool:
+  """Whether an all-gather's result is (a layer's slice of) a weight matrix: each axis between the
+  weight's shard and its whole size."""
+  import jax
+
+  shape = tuple(d for d in shape if d != 1)
+  for x in jax.tree.leaves(params):
+    for k in (0, 1) if len(x.shape) > 2 else (0,):
+      whole, shard = x.shape[k:], x.sharding.shard_shape(x.shape)[k:]
+      if len(whole) == len(shape) > 1 and all(s <= d <= w and w % d == 0 for d, s, w in zip(shape, shard, whole)):
+        return True
+  return False
+
+
 def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len: int, new_tokens: int) -> dict:
-  """The sampler's prefill and decode scan, with parameters sharded as `lm-sample` restores them."""
+  """The sampler's insert (prefill into slots) and decode chunk, with parameters sharded and cast as
+  `lm-sample` restores them, on the mesh given by mesh.* overrides or else the decode mesh."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from lm import sharding
   from lm.params import abstract_model, param_shardings
-  from lm.sampler import Sampler
+  from lm.sampler import Sampler, bucket
 
   hbm = CHIPS[family][0]
   rules = cfg.mesh.rules
@@ -263,26 +333,35 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
     raise ConfigError(f"--sample: {prompt_len} + {new_tokens} tokens exceed model.max_seq_len={cfg.model.max_seq_len}")
   sharding.check_batch(rows, mesh, rules, what="--sample ROWS")
   _, abstract = abstract_model(cfg.model)
-  params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), nnx.to_pure_dict(abstract),
+  dtype = jnp.dtype(cfg.model.dtype)
+  params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, dtype, sharding=s), nnx.to_pure_dict(abstract),
                         param_shardings(abstract, mesh, rules))
-  per_row = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=sharding.named(mesh, ("batch",) + (None,) * (len(shape) - 1), rules))
-  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
-  key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
-  args = (params, per_row(rows, prompt_len), per_row(rows), per_row(rows, key_words, dtype=jnp.uint32),
-          scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
   sampler = Sampler(cfg, params, None, mesh)
-  prefill, decode = sampler.compiled_functions(rows, prompt_len, new_tokens, args)
-  cache = 2 * cfg.model.num_layers * rows * (prompt_len + new_tokens) * cfg.model.num_kv_heads * head_dim(cfg.model)
+  S = bucket(prompt_len + new_tokens, cfg.model.max_seq_len)
+  insert = sampler.insert_function(rows, S, rows, bucket(prompt_len, S))
+  chunk = 16
+  decode = sampler.decode_function(rows, S, chunk)
+  cache = 2 * cfg.model.num_layers * rows * S * cfg.model.num_kv_heads * head_dim(cfg.model)
   cache_shards = math.prod(sharding.shards(mesh, entry) for entry in sampler.cache_sharding.spec)
+  cache_chip = cache * dtype.itemsize / cache_shards
+  weights_chip = per_chip(params)
+  found = collectives(decode.as_text())
+  gathered = sum(b * n for kind, shape, b, n in found if kind == "all-gather" and is_weight(shape, params))
+  tokens = rows * chunk
   memory, fits, _ = memory_rows(decode, hbm)
   return {"rows": [
-      ("sampling", f"{rows} rows x ({prompt_len} prompt + {new_tokens} new) tokens"),
-      attention_row(prefill),
-      ("parameters per chip", size(per_chip(params))),
-      ("KV cache per chip", size(cache * jnp.dtype(cfg.model.dtype).itemsize / cache_shards)),
+      ("sampling", f"{rows} slots x {S} positions ({prompt_len} prompt + {new_tokens} new), decode chunk {chunk}"),
+      ("decode mesh", f"{dict(mesh.shape)}, {cfg.model.dtype} weights"),
+      attention_row(insert),
+      ("parameters per chip", size(weights_chip)),
+      ("KV cache per chip", size(cache_chip)),
       *[(f"decode {label}", value) for label, value in memory],
-  ], "fits": fits}
+      ("interconnect per token per chip", f"{size(sum(b * n for _, _, b, n in found) / tokens)} "
+       f"(collectives in the compiled decode, loop bodies x trip counts, / {tokens} tokens)"),
+      ("  of which weight all-gathers", size(gathered / tokens)),
+      ("HBM read per token per chip", f"{size((weights_chip + cache_chip) * chunk / tokens)} "
+       f"(weights + KV cache per step, / {rows} rows)"),
+  ], "fits": fits, "collectives": found, "weight_gather_bytes": gathered}
 
 if __name__ == "__main__":
   sys.exit(main())

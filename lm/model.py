@@ -13,7 +13,7 @@ from flax import nnx
 
 from lm import splash
 from lm.config import ModelConfig, head_dim
-from lm.sharding import constrain, platform
+from lm.sharding import constrain, current, platform, shards, spec
 
 Attention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v) -> out, BxLxNxH
 
@@ -175,7 +175,13 @@ class Transformer(nnx.Module):
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.cfg.dtype)
 
-  def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
+  def embed_tokens(self, tokens_BxL: jax.Array, one_hot: bool = False) -> jax.Array:
+    if one_hot:
+      # For a few tokens (decoding) with the table split along the vocabulary: a one-hot matmul
+      # leaves the table where it is and sums the shards' partial rows, where a lookup would gather it.
+      table_VxD = constrain(self.embed[...].astype(self.dtype), ("vocab", "embed"))
+      hot = constrain(jax.nn.one_hot(tokens_BxL, table_VxD.shape[0], dtype=self.dtype), ("batch", None, "vocab"))
+      return constrain(dense(hot, table_VxD), ("batch", None, "embed_act"))
     # Whole along the vocabulary (a lookup across vocab shards XLA can only do by replicating), but
     # still split along the width: each chip looks up a slice of every row, then the rows are regrouped.
     table_VxD = constrain(self.embed[...].astype(self.dtype), (None, "embed"))
@@ -228,19 +234,30 @@ class Transformer(nnx.Module):
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[jax.Array, jax.Array],
              index: jax.Array, visible_BxTxS: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Runs T new tokens against a key/value cache of S slots: writes their keys and values at slots
-    index..index+T-1, attends to the slots `visible_BxTxS` allows, returns logits and the cache."""
+    index..index+T-1 (`index` one for all rows, or one per row), attends to the slots
+    `visible_BxTxS` allows, returns logits and the cache."""
+    B, T = tokens_BxT.shape
+    slots_BxT = jnp.broadcast_to(index, (B,))[:, None] + jnp.arange(T)
+    rows_Bx1 = jnp.arange(B)[:, None]
 
     # The whole cache rides in the scan's carry, so each step updates it in place rather than
     # rebuilding every layer's slice as a scan output.
     def layer(block, carry, i):
       x, k_cache, v_cache = carry
       q, k, v = block.qkv(x, positions_BxT)
-      k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (i, 0, index, 0, 0))
+      k_cache, v_cache = (c.at[i, rows_Bx1, slots_BxT].set(new.astype(c.dtype), mode="drop")
                           for c, new in zip((k_cache, v_cache), (k, v)))
       return (block.finish(x, attend(q, k_cache[i], v_cache[i], visible_BxTxS)), k_cache, v_cache), None
 
-    (x, *cache), _ = self._layers((self.embed_tokens(tokens_BxT), *cache), layer, jnp.arange(self.cfg.num_layers))
+    x = self.embed_tokens(tokens_BxT, one_hot=vocab_split())
+    (x, *cache), _ = self._layers((x, *cache), layer, jnp.arange(self.cfg.num_layers))
     return self.logits(x), tuple(cache)
+
+
+def vocab_split() -> bool:
+  """Whether the mesh being traced for splits the vocabulary axis."""
+  ctx = current()
+  return ctx is not None and shards(ctx[0], spec(["vocab"], ctx[1])[0]) > 1
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -1,27 +1,33 @@
-"""KV-cached sampling: one prefill pass over the prompt batch, then a `lax.scan` of decode steps.
+"""The sampling engine: continuous batching over a fixed set of slots, with a KV cache.
 
-Rows are right-padded to a prompt-length bucket; each row keeps its own positions, so its output never
-depends on the other rows. Decode step t writes slot P + t of a cache of P + max_new_tokens slots.
+The engine keeps `batch_size` slots, each one row of a key/value cache. Between compiled chunks of
+`chunk` decode steps (one `lax.scan`), the host loop in `Sampler.run` retires rows that emitted a
+stop token or reached their budget and inserts waiting prompts into the free slots: a prefill whose
+keys and values are written into those slots' cache rows. Each row keeps its own position and its own
+random key (seed, prompt, sample), folded with the index of the token it draws, so a row's tokens do
+not depend on its slot, its batch mates, the chunk length or the batch size.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lm import config, sharding
-from lm.checkpoint import open_run, run_tokenizer
+from lm.checkpoint import file_digest, open_run, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.params import abstract_model, param_shardings
 from lm.tokenizer import Tokenizer
@@ -31,202 +37,347 @@ MAX_STOP_TOKENS = 8  # stop ids are padded to this many (with -1, never a token)
 
 
 @dataclasses.dataclass
+class Request:
+  index: int  # the prompt's position in the job
+  sample: int
+  prompt: str
+  ids: list[int]
+  budget: int  # at most this many new tokens
+
+
+@dataclasses.dataclass
 class Completion:
   prompt: str
   text: str
   token_ids: list[int]
   finish_reason: str  # "stop": a stop token ended it (not included); "length": max_new_tokens reached
   logprobs: list[float] | None = None
+  index: int = 0
+  sample: int = 0
 
 
 @dataclasses.dataclass
 class Timing:
   prefill_tokens: int = 0
   prefill_seconds: float = 0.0
-  decode_tokens: int = 0
+  decode_tokens: int = 0  # kept tokens only: no empty slots, nothing after a stop
   decode_seconds: float = 0.0
   compile_seconds: float = 0.0
 
 
+@dataclasses.dataclass
+class Knobs:
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def arrays(self) -> tuple[jax.Array, ...]:
+    return jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p)
+
+
+@dataclasses.dataclass
+class Slot:
+  request: Request
+  token_ids: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  finished: bool = False
+
+
 def bucket(length: int, limit: int) -> int:
-  """Prompt lengths round up to a power of two (so few shapes compile), never past `limit`."""
+  """Lengths round up to a power of two (so few shapes compile), never past `limit`."""
   return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), limit)
 
 
 def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Next tokens and their log-probabilities under the model. Temperature 0 is greedy; top_k 0 and
-  top_p 1 switch those filters off. Each row draws from its own key."""
-  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-  scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
-  sorted_BxV = -jnp.sort(-scaled, axis=-1)
+           top_p: jax.Array, vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Next tokens and their log-probabilities. Temperature 0 is greedy; top_k 0 and top_p 1 switch
+  those filters off. Each row draws from its own key. Ids from `vocab` on (a padded vocabulary's
+  tail) are never chosen. Only top-k/top-p sort the vocabulary."""
   V = logits_BxV.shape[-1]
-  kth = jnp.where(top_k > 0, sorted_BxV[:, jnp.clip(top_k - 1, 0, V - 1)], -jnp.inf)
-  sorted_BxV = jnp.where(sorted_BxV >= kth[:, None], sorted_BxV, -jnp.inf)
-  probs = jax.nn.softmax(sorted_BxV, axis=-1)
-  in_nucleus = jnp.cumsum(probs, axis=-1) - probs < top_p  # the smallest prefix reaching top_p
-  threshold = jnp.min(jnp.where(in_nucleus, sorted_BxV, jnp.inf), axis=-1)
-  filtered = jnp.where(scaled >= jnp.maximum(threshold, kth)[:, None], scaled, -jnp.inf)
-  sampled = jax.vmap(jax.random.categorical)(keys_B, filtered)
-  tokens = jnp.where(temperature == 0, jnp.argmax(logits_BxV, axis=-1), sampled)
+  if vocab is not None and vocab < V:
+    logits_BxV = jnp.where(jnp.arange(V) < vocab, logits_BxV, -jnp.inf)
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+
+  def filtered(scaled):
+    sorted_BxV = -jnp.sort(-scaled, axis=-1)
+    kth = jnp.where(top_k > 0, sorted_BxV[:, jnp.clip(top_k - 1, 0, V - 1)], -jnp.inf)
+    sorted_BxV = jnp.where(sorted_BxV >= kth[:, None], sorted_BxV, -jnp.inf)
+    probs = jax.nn.softmax(sorted_BxV, axis=-1)
+    in_nucleus = jnp.cumsum(probs, axis=-1) - probs < top_p  # the smallest prefix reaching top_p
+    threshold = jnp.min(jnp.where(in_nucleus, sorted_BxV, jnp.inf), axis=-1)
+    return jnp.where(scaled >= jnp.maximum(threshold, kth)[:, None], scaled, -jnp.inf)
+
+  def sample():
+    scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
+    scaled = jax.lax.cond((top_k > 0) | (top_p < 1), filtered, lambda x: x, scaled)
+    return jax.vmap(jax.random.categorical)(keys_B, scaled)
+
+  tokens = jax.lax.cond(temperature == 0, lambda: jnp.argmax(logits_BxV, axis=-1), sample)
   return tokens, jnp.take_along_axis(logprobs_BxV, tokens[:, None], axis=-1)[:, 0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _request_keys(seed: int, index_R: jax.Array, sample_R: jax.Array) -> jax.Array:
+  base = jax.random.key(seed)
+  keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(index_R, sample_R)
+  return jax.random.key_data(keys)
+
+
+def decode_mesh(cfg: config.ModelConfig, devices: int) -> config.MeshConfig:
+  """Tensor-parallel over as many devices as the kv heads (and the other split axes) allow, the rest
+  data-parallel over slots: decoding then never gathers a weight."""
+  tensor = max(t for t in range(1, devices + 1)
+               if devices % t == 0 and all(n % t == 0 for n in (cfg.num_kv_heads, cfg.num_heads, cfg.d_ff, cfg.vocab_size)))
+  return config.MeshConfig(data=devices // tensor, fsdp=1, tensor=tensor)
+
+
+def load_params(ckpts, step: int, cfg: Config, mesh: Mesh) -> Any:
+  """A checkpoint's parameters, sharded for `mesh` and cast to the compute dtype as they are read."""
+  _, abstract = abstract_model(cfg.model)
+  shardings = param_shardings(abstract, mesh, cfg.mesh.rules)
+  dtype = jnp.dtype(cfg.model.dtype)
+  targets = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, dtype, sharding=s),
+                         nnx.to_pure_dict(abstract), shardings)
+  return ckpts.restore_params(step, targets)
+
+
 class Sampler:
-  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer, mesh: Mesh):
+  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh):
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
     self.graphdef, _ = abstract_model(cfg.model)
     self.rules = cfg.mesh.rules
+    self.vocab = tokenizer.vocab_size if tokenizer is not None else cfg.model.vocab_size
     self.rows_multiple = sharding.data_parallel_size(mesh, self.rules)
     self.cache_sharding = sharding.named(mesh, ("layers", "batch", None, "kv_heads", None), self.rules)
-    self.compiled: dict[tuple[int, int, int], tuple[Any, Any]] = {}
+    self.compiled: dict[tuple, Any] = {}
     self.timing = Timing()
+    self.step: int | None = None  # the checkpoint's, when restored from one
 
   @classmethod
-  def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None
-                   ) -> "Sampler":
+  def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
+                   overrides: Sequence[str] = ()) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
-    mesh it was trained on. The default mesh shards parameters over all devices (`fsdp`)."""
+    mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it."""
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
-    saved_rules = cfg.mesh.rules
-    cfg.mesh = mesh_cfg or config.MeshConfig(data=1, fsdp=-1, tensor=1)
-    cfg.mesh.rules = saved_rules
+    cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, jax.device_count()), rules=cfg.mesh.rules)
+    for item in overrides:
+      key, sep, value = item.partition("=")
+      if not key.startswith("mesh.") or not sep:
+        raise ConfigError(f"override '{item}' is not a mesh.KEY=VALUE setting (sampling takes mesh.data, mesh.fsdp, mesh.tensor, mesh.rules)")
+      config.set_key(cfg, key, yaml.safe_load(value))
+    tokenizer_path = run_tokenizer(workdir, meta)
+    recorded = meta["tokenizer"].get("sha256")
+    if recorded and tokenizer_path.is_file() and file_digest(tokenizer_path) != recorded:
+      raise ConfigError(f"tokenizer '{tokenizer_path}' has SHA-256 {file_digest(tokenizer_path)[:12]}..., but step {step} was trained with {recorded[:12]}...; restore the run's tokenizer")
     mesh = sharding.make_mesh(cfg.mesh)
-    _, abstract = abstract_model(cfg.model)
-    shardings = param_shardings(abstract, mesh, cfg.mesh.rules)
-    targets = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                           nnx.to_pure_dict(abstract), shardings)
-    params = ckpts.restore_params(step, targets)
-    ckpts.close()
-    return cls(cfg, params, Tokenizer(run_tokenizer(workdir, meta)), mesh)
+    try:
+      params = load_params(ckpts, step, cfg, mesh)
+    finally:
+      ckpts.close()
+    sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh)
+    sampler.step = step
+    return sampler
 
   def encode(self, prompt: str) -> list[int]:
     bos = self.tokenizer.bos_id
     return ([bos] if bos >= 0 else []) + self.tokenizer.encode(prompt)
 
-  def _rows(self, x: np.ndarray) -> jax.Array:
-    """A batch-sharded global array from a host array that every process holds whole."""
-    rows = sharding.named(self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules)
-    return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
-
-  def _prefill_fn(self, params, tokens_BxP, lengths_B, key_data_B, temperature, top_k, top_p, cache_len):
-    B, Pn = tokens_BxP.shape
-    keys_B = jax.random.wrap_key_data(key_data_B)
-    model = nnx.merge(self.graphdef, params)
-    segments = (jnp.arange(Pn)[None] < lengths_B[:, None]).astype(jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(Pn), (B, Pn))
-    with sharding.activation_rules(self.mesh, self.rules):
-      logits, (k, v) = model.prefill(tokens_BxP, segments, positions)
-    pad = [(0, 0), (0, 0), (0, cache_len - Pn), (0, 0), (0, 0)]
-    cache = tuple(jax.lax.with_sharding_constraint(jnp.pad(c, pad).astype(model.dtype), self.cache_sharding)
-                  for c in (k, v))
-    last_BxV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    token, logprob = choose(jax.vmap(jax.random.fold_in)(keys_B, jnp.zeros_like(lengths_B)), last_BxV,
-                            temperature, top_k, top_p)
-    return cache, token, logprob
-
-  def _decode_fn(self, params, cache, token_B, logprob_B, lengths_B, key_data_B, temperature, top_k, top_p,
-                 stop_ids, steps):
-    model = nnx.merge(self.graphdef, params)
-    keys_B = jax.random.wrap_key_data(key_data_B)
-    S = cache[0].shape[2]
-    prompt_slots = S - steps
-    visible_BxS = jnp.arange(S)[None] < lengths_B[:, None]
-
-    def step(carry, t):
-      cache, visible_BxS, token_B, logprob_B, done_B = carry
-      emitted = (token_B, logprob_B, done_B)
-      done_B = done_B | jnp.any(token_B[:, None] == stop_ids[None], axis=-1)
-      slot = prompt_slots + t
-      visible_BxS = visible_BxS.at[:, slot].set(True)
-      with sharding.activation_rules(self.mesh, self.rules):
-        logits, cache = model.decode(token_B[:, None], (lengths_B + t)[:, None], cache, slot, visible_BxS[:, None])
-      keys = jax.vmap(jax.random.fold_in)(keys_B, jnp.full_like(lengths_B, t + 1))
-      token_B, logprob_B = choose(keys, logits[:, 0], temperature, top_k, top_p)
-      return (cache, visible_BxS, token_B, logprob_B, done_B), emitted
-
-    carry = (cache, visible_BxS, token_B, logprob_B, jnp.zeros_like(lengths_B, bool))
-    (cache, *_), (tokens, logprobs, _) = jax.lax.scan(step, carry, jnp.arange(steps))
-    return cache, tokens.T, logprobs.T  # the cache is returned so it is updated in its donated buffers
-
-  def compiled_functions(self, rows: int, prompt_len: int, steps: int, args: tuple) -> tuple[Any, Any]:
-    """Compiled prefill and decode, cached per (rows, prompt bucket, new tokens); `args` are the
-    prefill's (arrays, or shapes with shardings when compiling ahead of time)."""
-    key = (rows, prompt_len, steps)
-    if key not in self.compiled:
-      start = time.perf_counter()
-      prefill = jax.jit(self._prefill_fn, static_argnames="cache_len").lower(*args, cache_len=prompt_len + steps).compile()
-      cache, token, logprob = jax.eval_shape(functools.partial(self._prefill_fn, cache_len=prompt_len + steps), *args)
-      decode = jax.jit(self._decode_fn, static_argnames="steps", donate_argnums=1).lower(
-          self.params, cache, token, logprob, *args[2:], jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32),
-          steps=steps).compile()
-      self.compiled[key] = (prefill, decode)
-      self.timing.compile_seconds += time.perf_counter() - start
-    return self.compiled[key]
-
-  def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-               batch_size: int = 16, logprobs: bool = False, stop_tokens: Sequence[int] = ()) -> list[Completion]:
-    """`num_samples` completions per prompt, in prompt order. Sample j of prompt i draws from its own
-    key (seed, i, j), so it does not depend on batching."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
-    encoded = []
+  def requests(self, prompts: Sequence[str], num_samples: int, max_new_tokens: int) -> list[Request]:
+    """Every (prompt, sample) pair of a job, checked before anything runs."""
+    out = []
     for i, prompt in enumerate(prompts):
       if not prompt:
         raise ConfigError(f"prompt {i} is empty")
       ids = self.encode(prompt)
       if len(ids) + max_new_tokens > self.cfg.model.max_seq_len:
         raise ConfigError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's max_seq_len={self.cfg.model.max_seq_len}")
-      encoded.append(ids)
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
-    stops = sorted({*stop_tokens, self.tokenizer.eos_id} - {-1})
-    if len(stops) > MAX_STOP_TOKENS:
-      raise ConfigError(f"{len(stops)} stop tokens (end-of-sequence included); at most {MAX_STOP_TOKENS} are supported")
-    out: list[Completion] = []
-    for start in range(0, len(jobs), batch_size):
-      out += self._batch(prompts, encoded, jobs[start:start + batch_size], max_new_tokens, temperature, top_k,
-                         top_p, seed, logprobs, stops)
+      out += [Request(i, j, prompt, ids, max_new_tokens) for j in range(num_samples)]
     return out
 
-  def _batch(self, prompts, encoded, jobs, steps, temperature, top_k, top_p, seed, want_logprobs, stops):
-    rows = 1 << (len(jobs) - 1).bit_length()  # few row counts, so few compiles
-    rows = -(-rows // self.rows_multiple) * self.rows_multiple
-    longest = max(len(encoded[i]) for i, _ in jobs)
-    prompt_len = bucket(longest, self.cfg.model.max_seq_len - steps)
-    tokens = np.zeros((rows, prompt_len), np.int32)
-    lengths = np.ones((rows,), np.int32)
-    for r, (i, _) in enumerate(jobs):
-      tokens[r, :len(encoded[i])] = encoded[i]
-      lengths[r] = len(encoded[i])
-    base = jax.random.key(seed)
-    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, i), j) for i, j in jobs]
-                     + [base] * (rows - len(jobs)))
-    tokens_d, lengths_d, keys_d = (self._rows(x) for x in (tokens, lengths, np.asarray(jax.random.key_data(keys))))
-    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-    args = (self.params, tokens_d, lengths_d, keys_d, *knobs)
-    prefill, decode = self.compiled_functions(rows, prompt_len, steps, args)
-    start = time.perf_counter()
-    cache, token, logprob = jax.block_until_ready(prefill(*args))
-    mid = time.perf_counter()
+  def _rows(self, x: np.ndarray) -> jax.Array:
+    """A batch-sharded global array from a host array that every process holds whole."""
+    rows = sharding.named(self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules)
+    return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
+
+  # Device state: the cache plus, per slot, the token drawn but not yet emitted, its log-probability,
+  # the next cache position, how many tokens the row has drawn before it, whether it is done, its key.
+  def abstract_state(self, B: int, S: int) -> dict[str, Any]:
+    m = self.cfg.model
+    cache = jax.ShapeDtypeStruct((m.num_layers, B, S, m.num_kv_heads, config.head_dim(m)), jnp.dtype(m.dtype),
+                                 sharding=self.cache_sharding)
+    row = lambda dtype, *shape: jax.ShapeDtypeStruct(
+        (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
+    key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
+    return {"cache": (cache, cache), "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
+            "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
+
+  def empty_state(self, B: int, S: int) -> dict[str, Any]:
+    abstract = self.abstract_state(B, S)
+    make = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract) | {"done": jnp.ones((B,), bool)},
+                   out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
+    return make()
+
+  def _insert_fn(self, params, state, tokens_RxP, lengths_R, budget_R, slots_R, key_data_R, temperature, top_k, top_p):
+    """Prefills R prompts and writes them into slots `slots_R` (ids past the last slot: padding rows)."""
+    R, P = tokens_RxP.shape
+    model = nnx.merge(self.graphdef, params)
+    segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
+    with sharding.activation_rules(self.mesh, self.rules):
+      logits, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)))
+    last_RxV = jnp.take_along_axis(logits, (lengths_R - 1)[:, None, None], axis=1)[:, 0]
+    keys_R = jax.random.wrap_key_data(key_data_R)
+    token, logprob = choose(jax.vmap(jax.random.fold_in)(keys_R, jnp.zeros_like(lengths_R)), last_RxV,
+                            temperature, top_k, top_p, self.vocab)
+    put = lambda a, x: a.at[slots_R].set(x.astype(a.dtype), mode="drop")
+    cache = tuple(jax.lax.with_sharding_constraint(c.at[:, slots_R, :P].set(new.astype(c.dtype), mode="drop"),
+                                                   self.cache_sharding) for c, new in zip(state["cache"], kv))
+    return {"cache": cache, "token": put(state["token"], token), "logprob": put(state["logprob"], logprob),
+            "pos": put(state["pos"], lengths_R), "count": put(state["count"], jnp.zeros_like(lengths_R)), "budget": put(state["budget"], budget_R),
+            "done": put(state["done"], jnp.zeros_like(lengths_R, bool)), "key": put(state["key"], key_data_R)}
+
+  def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, steps):
+    """`steps` decode steps for every slot; emits each step's token, its log-probability and whether
+    it belongs to a live row. Done rows compute along but stand still."""
+    model = nnx.merge(self.graphdef, params)
+    S = state["cache"][0].shape[2]
+
+    def step(state, _):
+      token, pos, count = state["token"], state["pos"], state["count"]
+      emitted = (token, state["logprob"], ~state["done"])
+      done = state["done"] | jnp.any(token[:, None] == stop_ids[None], axis=-1) | (count + 1 >= state["budget"])
+      visible_Bx1xS = (jnp.arange(S)[None] <= pos[:, None])[:, None]
+      with sharding.activation_rules(self.mesh, self.rules):
+        logits, cache = model.decode(token[:, None], pos[:, None], state["cache"], pos, visible_Bx1xS)
+      keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), count + 1)
+      drawn, logprob = choose(keys, logits[:, 0], temperature, top_k, top_p, self.vocab)
+      go = ~done
+      state = state | {"cache": cache, "token": jnp.where(go, drawn, token), "logprob": jnp.where(go, logprob, state["logprob"]),
+                       "pos": jnp.where(go, pos + 1, pos), "count": jnp.where(go, count + 1, count), "done": done}
+      return state, emitted
+
+    state, (tokens, logprobs, live) = jax.lax.scan(step, state, None, length=steps)
+    return state, tokens.T, logprobs.T, live.T
+
+  def _compile(self, key: tuple, fn, *args, **static) -> Any:
+    if key not in self.compiled:
+      start = time.perf_counter()
+      self.compiled[key] = jax.jit(fn, static_argnames=tuple(static), donate_argnums=1).lower(*args, **static).compile()
+      self.timing.compile_seconds += time.perf_counter() - start
+    return self.compiled[key]
+
+  def _abstract(self, tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+  def _knob_shapes(self) -> tuple:
+    return tuple(jax.ShapeDtypeStruct((), d) for d in (jnp.float32, jnp.int32, jnp.float32))
+
+  def insert_function(self, B: int, S: int, R: int, P: int) -> Any:
+    """Compiled prefill of R prompts of a P-token bucket into a state of B slots of S positions."""
+    row = lambda dtype, *shape: jax.ShapeDtypeStruct(
+        (R, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
+    state = self.abstract_state(B, S)
+    return self._compile(("insert", B, S, R, P), self._insert_fn, self._abstract(self.params), state,
+                         row(jnp.int32, P), row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.uint32, state["key"].shape[1]),
+                         *self._knob_shapes())
+
+  def decode_function(self, B: int, S: int, steps: int) -> Any:
+    """Compiled chunk of `steps` decode steps over B slots of S positions."""
+    return self._compile(("decode", B, S, steps), self._decode_fn, self._abstract(self.params),
+                         self.abstract_state(B, S), *self._knob_shapes(),
+                         jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps)
+
+  def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int = 16,
+          stop_tokens: Sequence[int] = (), logprobs: bool = False, static: bool = False) -> Iterator[Completion]:
+    """Completions in the order they finish. `static` batches as a fixed-batch sampler does: new
+    prompts enter only when every slot is free, and each batch runs its whole token budget."""
+    waiting = collections.deque(requests)
+    if not waiting:
+      return
+    stops = sorted({*stop_tokens, self.tokenizer.eos_id if self.tokenizer else -1} - {-1})
+    if len(stops) > MAX_STOP_TOKENS:
+      raise ConfigError(f"{len(stops)} stop tokens (end-of-sequence included); at most {MAX_STOP_TOKENS} are supported")
     stop_ids = jnp.asarray(stops + [-1] * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
-    _, ids, lps = decode(self.params, cache, token, logprob, lengths_d, keys_d, *knobs, stop_ids)
-    ids, lps = multihost_utils.process_allgather((ids, lps), tiled=True)
-    end = time.perf_counter()
-    t = self.timing
-    t.prefill_tokens += int(lengths.sum())
-    t.prefill_seconds += mid - start
-    t.decode_tokens += rows * steps
-    t.decode_seconds += end - mid
-    results = []
-    for r, (i, _) in enumerate(jobs):
-      stop_at = next((n for n in range(steps) if ids[r, n] in stops), None)
-      kept = ids[r, :stop_at].tolist()
-      results.append(Completion(prompt=prompts[i], text=self.tokenizer.decode(kept), token_ids=kept,
-                                finish_reason="length" if stop_at is None else "stop",
-                                logprobs=lps[r, :len(kept)].tolist() if want_logprobs else None))
-    return results
+    B = -(-batch_size // self.rows_multiple) * self.rows_multiple
+    S = bucket(max(len(r.ids) + r.budget for r in waiting), self.cfg.model.max_seq_len)
+    decode = self.decode_function(B, S, chunk)
+    state = self.empty_state(B, S)
+    slots: list[Slot | None] = [None] * B
+    steps_in_batch = batch_steps = 0  # static: a batch runs for its longest budget
+    while waiting or any(slots):
+      free = [s for s, slot in enumerate(slots) if slot is None]
+      if waiting and free and (not static or len(free) == B):
+        batch = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        state = self._insert(state, batch, free, knobs, B, S)
+        for s, request in zip(free, batch):
+          slots[s] = Slot(request)
+        steps_in_batch, batch_steps = 0, max(r.budget for r in batch)
+      start = time.perf_counter()
+      state, ids, lps, live = decode(self.params, state, *knobs.arrays(), stop_ids)
+      ids, lps, live = multihost_utils.process_allgather((ids, lps, live), tiled=True)
+      self.timing.decode_seconds += time.perf_counter() - start
+      steps_in_batch += chunk
+      for s, slot in enumerate(slots):
+        if slot is None:
+          continue
+        if not slot.finished and (reason := self._take(slot, ids[s][live[s]], lps[s][live[s]], stops)):
+          slot.finished = True
+          yield self._completion(slot, reason, logprobs)
+        if slot.finished and (not static or steps_in_batch >= batch_steps):  # static: the batch frees its slots together
+          slots[s] = None
+
+  def _insert(self, state, batch: list[Request], free: list[int], knobs: Knobs, B: int, S: int):
+    R = min(1 << (len(batch) - 1).bit_length(), B)  # few row counts, so few compiles
+    R = -(-R // self.rows_multiple) * self.rows_multiple
+    P = bucket(max(len(r.ids) for r in batch), S)
+    tokens = np.zeros((R, P), np.int32)
+    lengths, budgets = np.ones((R,), np.int32), np.ones((R,), np.int32)
+    slots = np.full((R,), B, np.int32)  # past the last slot: dropped
+    index, sample = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
+    for r, (request, slot) in enumerate(zip(batch, free)):
+      tokens[r, :len(request.ids)] = request.ids
+      lengths[r], budgets[r], slots[r] = len(request.ids), request.budget, slot
+      index[r], sample[r] = request.index, request.sample
+    key_data = np.asarray(_request_keys(knobs.seed, index, sample))
+    insert = self.insert_function(B, S, R, P)
+    start = time.perf_counter()
+    state = jax.block_until_ready(insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, key_data)),
+                                         *knobs.arrays()))
+    self.timing.prefill_seconds += time.perf_counter() - start
+    self.timing.prefill_tokens += int(lengths[:len(batch)].sum())
+    return state
+
+  def _take(self, slot: Slot, ids: np.ndarray, lps: np.ndarray, stops: list[int]) -> str | None:
+    """Appends a chunk's live tokens to a slot; "stop" or "length" when the row ended."""
+    for token, logprob in zip(ids.tolist(), lps.tolist()):
+      if token in stops:
+        return "stop"
+      slot.token_ids.append(token)
+      slot.logprobs.append(logprob)
+      self.timing.decode_tokens += 1
+      if len(slot.token_ids) == slot.request.budget:
+        return "length"
+    return None
+
+  def _completion(self, slot: Slot, reason: str, logprobs: bool) -> Completion:
+    r = slot.request
+    text = self.tokenizer.decode(slot.token_ids) if self.tokenizer else ""
+    return Completion(prompt=r.prompt, text=text, token_ids=slot.token_ids, finish_reason=reason,
+                      logprobs=slot.logprobs if logprobs else None, index=r.index, sample=r.sample)
+
+  def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
+               batch_size: int = 16, chunk: int = 16, logprobs: bool = False, stop_tokens: Sequence[int] = ()
+               ) -> list[Completion]:
+    """`num_samples` completions per prompt, in prompt order. Sample j of prompt i draws from its own
+    key (seed, i, j), so it does not depend on batching."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
+    requests = self.requests(prompts, num_samples, max_new_tokens)
+    knobs = Knobs(temperature, top_k, top_p, seed)
+    return sorted(self.run(requests, knobs, batch_size=batch_size, chunk=chunk, stop_tokens=stop_tokens,
+                           logprobs=logprobs), key=lambda c: (c.index, c.sample))
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from lm import config, sharding
 from lm.config import ConfigError
 from lm.model import Transformer
 from lm.params import abstract_model
-from lm.sampler import Sampler, choose
+from lm.sampler import Knobs, Sampler, choose
 from tests.conftest import ROOT, run_trainer, tiny_overrides
 
 
@@ -69,16 +71,64 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4)
 
 
-def test_a_row_does_not_depend_on_the_other_rows(tokenizer):
+def naive_sample(forward, params, ids, n, key, temperature, top_p, vocab):
+  """Token t drawn with key fold_in(key, t) from a full forward pass over everything before it."""
+  seq = np.zeros((1, 64), np.int32)  # one shape for every prompt; causality makes the zeros inert
+  seq[0, :len(ids)] = ids
+  for end in range(len(ids), len(ids) + n):
+    token, _ = choose(jax.random.fold_in(key, end - len(ids))[None], forward(params, seq)[end - 1][None],
+                      jnp.float32(temperature), jnp.int32(0), jnp.float32(top_p), vocab)
+    seq[0, end] = int(token[0])
+  return seq[0, len(ids):len(ids) + n].tolist()
+
+
+def until_stop(ids, stops):
+  return next((ids[:n] for n, t in enumerate(ids) if t in stops), ids)
+
+
+JOB = PROMPTS + ["x = 1", "for i in range(10):", "return", "# comment\n", "print(", "y"]
+
+
+def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer):
+  """Greedy and seeded top-p; more prompts than slots, rows stopping at different points; two slot
+  counts, two chunk lengths, and static batches."""
   sampler = make_sampler(tokenizer)
-  for knobs in (dict(), dict(temperature=1.0, top_k=50, seed=3)):
-    batched = [c.token_ids for c in sampler.generate(PROMPTS, max_new_tokens=10, **knobs)]
-    for i, prompt in enumerate(PROMPTS):
-      # sampled rows draw from a key of (seed, prompt index, sample index): keep the prompt's index
-      alone = sampler.generate(PROMPTS[:i + 1] if knobs else [prompt], max_new_tokens=10, **knobs)[-1]
-      assert alone.token_ids == batched[i]
-    more = sampler.generate(PROMPTS + ["x = 1"], max_new_tokens=10, **knobs)  # the padding row made real
-    assert [c.token_ids for c in more[:len(PROMPTS)]] == batched
+  graphdef = abstract_model(sampler.cfg.model)[0]
+  forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens)[0])
+  n = 10
+  for knobs in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.8, seed=5)):
+    want = []
+    for i, prompt in enumerate(JOB):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(knobs.get("seed", 0)), i), 0)
+      want.append(naive_sample(forward, sampler.params, sampler.encode(prompt), n, key, knobs["temperature"],
+                               knobs.get("top_p", 1.0), tokenizer.vocab_size))
+    stops = {want[0][3], want[1][6], want[2][1], tokenizer.eos_id}  # rows end at different points
+    want = [until_stop(w, stops) for w in want]
+    assert len({len(w) for w in want}) > 2
+    for batch_size, chunk, static in [(3, 4, False), (4, 7, False), (4, 7, True)]:
+      sampler.timing = type(sampler.timing)()
+      got = list(sampler.run(sampler.requests(JOB, 1, n), Knobs(**knobs), batch_size=batch_size, chunk=chunk,
+                             stop_tokens=sorted(stops), static=static))
+      got.sort(key=lambda c: c.index)
+      assert [c.token_ids for c in got] == want, (knobs, batch_size, chunk, static)
+      assert [c.finish_reason for c in got] == ["length" if len(w) == n else "stop" for w in want]
+      assert sampler.timing.decode_tokens == sum(map(len, want))  # kept tokens only
+
+
+def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
+  sampler = make_sampler(tokenizer)
+  rng = np.random.default_rng(0)
+  words = tokenizer.decode(list(range(300, 500))).split()
+  prompts = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(100)]
+  stops = [int(t) for t in rng.choice(tokenizer.vocab_size, 40, replace=False)]  # rows finish all over
+  out = sampler.generate(prompts, max_new_tokens=12, temperature=1.0, batch_size=8, chunk=4, stop_tokens=stops[:7])
+  assert len({len(c.token_ids) for c in out}) > 3
+  # One decode chunk; inserts by power-of-two row count (1..8) and prompt bucket (16, 32, 64).
+  assert len(sampler.compiled) <= 1 + 4 * 3, list(sampler.compiled)
+  before = dict(sampler.compiled)
+  sampler.generate(prompts[::-1], max_new_tokens=12, temperature=0.5, top_k=5, batch_size=8, chunk=4, seed=3)
+  assert sampler.compiled.keys() <= before.keys() | {k for k in sampler.compiled if k[0] == "insert"}
+  assert len(sampler.compiled) <= 1 + 4 * 3
 
 
 def test_sampling_knobs():
@@ -102,6 +152,30 @@ def test_sampling_knobs():
   np.testing.assert_array_equal(free, again)
 
 
+def test_temperature_top_k_and_top_p_together_match_numpy():
+  """Frequencies of 20000 draws against the distribution numpy computes from the logits; ids of a
+  padded vocabulary's tail are never drawn, greedy or sampled, however likely the model makes them."""
+  V, T, k, p, N = 40, 0.7, 10, 0.8, 20000
+  logits = np.random.default_rng(0).normal(0, 2, V).astype(np.float32)
+  order = np.argsort(-logits)[:k]
+  probs = np.exp(logits[order] / T - (logits[order] / T).max())
+  probs /= probs.sum()
+  nucleus = order[:int(np.sum(np.cumsum(probs) - probs < p))]  # the smallest prefix reaching p
+  want = np.zeros(V)
+  want[nucleus] = np.exp(logits[nucleus] / T) / np.exp(logits[nucleus] / T).sum()
+  keys = jax.random.split(jax.random.key(1), N)
+  tokens, _ = choose(keys, jnp.tile(logits, (N, 1)), jnp.float32(T), jnp.int32(k), jnp.float32(p))
+  freq = np.bincount(np.asarray(tokens), minlength=V) / N
+  assert set(np.flatnonzero(freq)) == set(nucleus.tolist())
+  np.testing.assert_allclose(freq, want, atol=0.015)
+  padded = np.concatenate([logits, np.full(8, 50.0, np.float32)])
+  for knobs in ((0.0, 0, 1.0), (1.0, 0, 1.0), (T, k, p)):
+    drawn, _ = choose(keys[:500], jnp.tile(padded, (500, 1)), *map(jnp.asarray, knobs), vocab=V)
+    assert np.asarray(drawn).max() < V
+  greedy, _ = choose(keys[:2], jnp.tile(padded, (2, 1)), jnp.float32(0), jnp.int32(0), jnp.float32(1), vocab=V)
+  assert set(np.asarray(greedy)) == {int(np.argmax(logits))}
+
+
 def test_seeds_samples_and_logprobs(tokenizer):
   sampler = make_sampler(tokenizer)
   kw = dict(max_new_tokens=8, temperature=1.0, num_samples=3, logprobs=True, stop_tokens=())
@@ -121,17 +195,6 @@ def test_seeds_samples_and_logprobs(tokenizer):
       sampler.generate(PROMPTS[:1], max_new_tokens=8, temperature=0.0, seed=9)[0].token_ids
 
 
-def test_compiled_functions_are_reused(tokenizer):
-  sampler = make_sampler(tokenizer)
-  sampler.generate(["a b", "c"], max_new_tokens=6)
-  first = sampler.compiled[(2, 16, 6)]
-  sampler.generate(["other words", "x", "three"], max_new_tokens=6, temperature=0.7, top_p=0.9)  # 4 rows
-  seconds = sampler.timing.compile_seconds
-  sampler.generate(["other words", "x"], max_new_tokens=6, temperature=0.7, top_p=0.9)  # 2 rows again
-  assert list(sampler.compiled) == [(2, 16, 6), (4, 16, 6)]
-  assert sampler.compiled[(2, 16, 6)] is first and sampler.timing.compile_seconds == seconds
-
-
 def test_input_errors(tokenizer):
   sampler = make_sampler(tokenizer)
   with pytest.raises(ConfigError, match="prompt 1 is empty"):
@@ -149,27 +212,39 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
   assert out.returncode == 0, out.stderr
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(json.dumps({"prompt": "def f(x):"}) + "\n" + json.dumps({"prompt": "import"}) + "\n")
-  cmd = [sys.executable, "-m", "launch.sample", "--workdir", str(run), "--prompts", str(prompts),
+  cmd = [sys.executable, "-m", "launch.sample", "--workdir", str(run), "--prompts", str(prompts), "mesh.data=-1",
          "--max-new-tokens", "6", "--temperature", "0", "--output", str(tmp_path / "out.jsonl")]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
   assert done.returncode == 0, done.stderr
-  assert "prefill" in done.stderr and "decode" in done.stderr
-  rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-  assert [r["prompt"] for r in rows] == ["def f(x):", "import"]
-  assert all(set(r) == {"prompt", "completion", "token_ids", "finish_reason"} for r in rows)
+  assert "mesh: {'data': 2, 'fsdp': 1, 'tensor': 2}" in done.stderr and "kept tokens/s" in done.stderr
+  header, *rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert header["settings"]["temperature"] == 0
+  rows.sort(key=lambda r: r["index"])
+  assert [(r["index"], r["prompt"]) for r in rows] == [(0, "def f(x):"), (1, "import")]
+  assert all(set(r) == {"index", "prompt", "completion", "token_ids", "finish_reason"} for r in rows)
   first = rows[0]["token_ids"][0]
   stopped = subprocess.run(cmd[:-2] + ["--stop-token", str(first)], cwd=ROOT, capture_output=True, text=True, env=env)
-  assert json.loads(stopped.stdout.splitlines()[0]) | {"prompt": None} == \
-      {"prompt": None, "completion": "", "token_ids": [], "finish_reason": "stop"}
-  # The same checkpoint, restored here onto a 2x2x2 mesh, against the naive decoder on one device.
+  assert json.loads(min(stopped.stdout.splitlines())) | {"prompt": None} == \
+      {"index": 0, "prompt": None, "completion": "", "token_ids": [], "finish_reason": "stop"}
+  # The same checkpoint restored here: on the default decode mesh of 8 devices (tensor over the 2 kv
+  # heads, data over slots, weights in the compute dtype) and on a 2x2x2 mesh, against the naive
+  # decoder on one device.
+  default = Sampler.from_workdir(run)
+  assert dict(default.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert default.params["blocks"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
   sampler = Sampler.from_workdir(run, mesh_cfg=config.MeshConfig(data=2, fsdp=2, tensor=2))
   assert sampler.params["blocks"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   params = jax.tree.map(np.asarray, sampler.params)
   for r in rows:
     want = naive_greedy(sampler.cfg, params, sampler.encode(r["prompt"]), 6)
     assert r["token_ids"] == until_eos(want, sampler.tokenizer.eos_id)
-  assert [c.token_ids for c in sampler.generate(["def f(x):", "import"], max_new_tokens=6)] == [r["token_ids"] for r in rows]
+  for s in (default, sampler):
+    assert [c.token_ids for c in s.generate(["def f(x):", "import"], max_new_tokens=6)] == [r["token_ids"] for r in rows]
+  tokenizer = default.tokenizer.path
+  tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")  # another tokenizer where the run's was
+  with pytest.raises(ConfigError, match=rf"tokenizer '{tokenizer}' has SHA-256 \w+\.\.\., but step 4 was trained with \w+\.\.\.; restore the run's tokenizer"):
+    Sampler.from_workdir(run)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +279,36 @@ def test_cli_missing_workdir(tmp_path):
   done = sample_cli("--workdir", str(tmp_path / "none"), "--prompt", "x")
   assert done.returncode == 1
   assert done.stderr.strip() == f"error: work directory '{tmp_path / 'none'}' has no checkpoints/; train there first"
+
+
+@pytest.mark.slow
+def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
+  """SIGKILL part-way, a torn last line, then the same command (other slots and chunk) finishes the
+  file: every (index, sample) once, equal to an uninterrupted run. Other knobs refuse in one line."""
+  prompts = [f"def f{i}(x):" + " x" * (i % 7) for i in range(150)]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  out = tmp_path / "out.jsonl"
+  args = ["--workdir", str(one_step_run), "--prompts", str(tmp_path / "p.jsonl"), "--num-samples", "2",
+          "--max-new-tokens", "24", "--temperature", "0.9", "--seed", "1", "--output", str(out)]
+  job = subprocess.Popen([sys.executable, "-m", "launch.sample", *args, "--batch-size", "2", "--chunk", "2"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while job.poll() is None and (not out.exists() or out.read_text().count("\n") < 20):
+    time.sleep(0.02)
+  job.send_signal(signal.SIGKILL)
+  job.wait()
+  lines = out.read_text().count("\n")
+  assert 20 <= lines < 1 + 2 * len(prompts)
+  with out.open("a") as f:
+    f.write('{"index": 7, "sample": 1, "prompt": "def f7')  # what a kill mid-write leaves
+  done = sample_cli(*args, "--batch-size", "8", "--chunk", "5")
+  assert done.returncode == 0, done.stderr
+  assert f"{2 * len(prompts) - lines + 1} completions to make" in done.stderr
+  header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == len({(r["index"], r["sample"]) for r in rows}) == 2 * len(prompts)
+  sampler = Sampler.from_workdir(one_step_run)
+  want = sampler.generate(prompts, max_new_tokens=24, temperature=0.9, seed=1, num_samples=2)
+  rows.sort(key=lambda r: (r["index"], r["sample"]))
+  assert [(r["prompt"], r["token_ids"], r["finish_reason"]) for r in rows] == [(c.prompt, c.token_ids, c.finish_reason) for c in want]
+  other = sample_cli(*[a if a != "0.9" else "0.5" for a in args])
+  assert other.returncode == 1
+  assert other.stderr.strip().splitlines()[-1] == f"error: --output '{out}' was written with other settings (temperature: 0.9 then, 0.5 now); rerun with those or choose a new path"

@@ -1,0 +1,103 @@
+"""Sampling jobs on files: prompts in; completions out as they finish, one JSON line each, resumable.
+
+An output file starts with a header line, {"settings": {...}}, naming what produced it (work
+directory, checkpoint step, prompts, sampling knobs). A rerun of the same job on the same file skips
+the (index, sample) pairs already there, drops a torn last line and appends the rest; a rerun with
+other settings refuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from lm.config import ConfigError
+from lm.sampler import Completion
+
+
+def read_prompts(path: str) -> list[str]:
+  """One JSON object per line with a "prompt" string (a bare JSON string also works)."""
+  file = Path(path)
+  if not file.is_file():
+    raise ConfigError(f"--prompts file '{path}' does not exist")
+  prompts = []
+  for lineno, line in enumerate(file.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    prompt = record.get("prompt") if isinstance(record, dict) else record
+    if not isinstance(prompt, str):
+      raise ConfigError(f"{path}:{lineno}: expected a \"prompt\" string")
+    prompts.append(prompt)
+  if not prompts:
+    raise ConfigError(f"--prompts file '{path}' has no prompts")
+  return prompts
+
+
+def prompts_digest(prompts: list[str]) -> str:
+  return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def open_output(path: str | Path, settings: dict[str, Any], write: bool = True) -> tuple[TextIO | None, set[tuple[int, int]]]:
+  """The output file, opened for appending (when `write`), and the (index, sample) pairs it holds."""
+  path = Path(path)
+  raw = path.read_bytes() if path.exists() else b""
+  complete = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a killed run is dropped
+  lines = complete.decode().splitlines()
+  done: set[tuple[int, int]] = set()
+  if lines:
+    try:
+      records = [json.loads(line) for line in lines]
+      written = records[0]["settings"]
+      done = {(r["index"], r.get("sample", 0)) for r in records[1:]}
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise ConfigError(f"--output '{path}' exists and is not an lm-sample output; choose a new path") from None
+    if written != settings:
+      changed = "; ".join(f"{k}: {written.get(k)!r} then, {settings.get(k)!r} now"
+                          for k in sorted(written.keys() | settings.keys()) if written.get(k) != settings.get(k))
+      raise ConfigError(f"--output '{path}' was written with other settings ({changed}); rerun with those or choose a new path")
+  if not write:
+    return None, done
+  if len(complete) != len(raw):
+    with path.open("r+b") as f:
+      f.truncate(len(complete))
+  out = path.open("a")
+  if not lines:
+    out.write(json.dumps({"settings": settings}) + "\n")
+    out.flush()
+  return out, done
+
+
+def record(c: Completion, with_sample: bool) -> str:
+  row = {"index": c.index} | ({"sample": c.sample} if with_sample else {})
+  row |= {"prompt": c.prompt, "completion": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+  return json.dumps(row | ({"logprobs": c.logprobs} if c.logprobs is not None else {})) + "\n"
+
+
+class Progress:
+  """A one-line bar on a terminal: completions done, kept tokens per second of decoding."""
+
+  def __init__(self, total: int, stream: TextIO = sys.stderr):
+    self.total, self.done, self.stream = total, 0, stream
+    self.shown = stream.isatty()
+    self.last = 0.0
+
+  def update(self, tokens: int, seconds: float) -> None:
+    self.done += 1
+    now = time.monotonic()
+    if not self.shown or (now - self.last < 0.2 and self.done < self.total):
+      return
+    self.last = now
+    filled = 30 * self.done // max(self.total, 1)
+    self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} completions, "
+                      f"{tokens / max(seconds, 1e-9):,.0f} tokens/s")
+    if self.done == self.total:
+      self.stream.write("\n")
+    self.stream.flush()
