@@ -15,6 +15,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from lm.config import CheckpointConfig, ConfigError
 
@@ -105,6 +106,12 @@ def _arrays_restore(target: Any) -> ocp.args.PyTreeRestore:
   return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
+def _handlers() -> dict[str, Any]:
+  return {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=_ARRAY_TYPES, use_compression=False),
+          "optimizer": ocp.PyTreeCheckpointHandler(type_handler_registry=_ARRAY_TYPES),
+          "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 class Checkpoints:
   def __init__(self, directory: str | Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
     cfg = cfg or CheckpointConfig()
@@ -113,10 +120,13 @@ class Checkpoints:
         max_to_keep=None if read_only else cfg.keep or None, keep_period=cfg.keep_every or None,
         save_interval_steps=0 if read_only else 1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
-    handlers = {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=_ARRAY_TYPES, use_compression=False),
-                "optimizer": ocp.PyTreeCheckpointHandler(type_handler_registry=_ARRAY_TYPES),
-                "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
+    self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=_handlers())
+    # Restores skip orbax's barrier across processes: a process that cannot read its part would never
+    # reach it and the others would wait there for ever. The caller agrees on the outcome instead.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    self.reader = ocp.CheckpointManager(self.dir, item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False, multiprocessing_options=alone))
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -149,23 +159,29 @@ class Checkpoints:
 
   def _restore(self, step: int, **items: Any) -> dict[str, Any]:
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(**items))
+      return self.reader.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax and tensorstore raise many kinds; all mean the same here
       reason = " ".join(str(e).split("See full TensorStore details")[0].split())[:200]
       raise UnreadableCheckpoint(step, _locate(str(e), self.dir / str(step)), reason) from None
 
-  def set_aside(self, step: int) -> Path:
-    """Moves an unreadable checkpoint out of the manager's way; it is never deleted."""
-    target = self.dir.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
-    target.parent.mkdir(exist_ok=True)
-    shutil.move(str(self.dir / str(step)), target)
+  def set_aside(self, step: int) -> Path | None:
+    """Moves an unreadable checkpoint out of the manager's way; it is never deleted. Called by every
+    process; process 0 moves it and says where."""
+    target = None
+    if jax.process_index() == 0:
+      target = self.dir.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
+      target.parent.mkdir(exist_ok=True)
+      shutil.move(str(self.dir / str(step)), target)
+    multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self.manager.reload()
+    self.reader.reload()
     return target
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    self.reader.close()
     self.manager.close()
 
 

@@ -122,7 +122,7 @@ class LogConfig:
 
 @dataclasses.dataclass
 class ProfileConfig:
-  start_step: int = 1  # the first step traced (the step number logged when it finishes)
+  start_step: int = 10  # the first step traced (as logged: step 1 is the first, which compiles)
   steps: int = 0  # how many steps a jax.profiler trace in WORKDIR/profile covers; 0: none
   all_processes: bool = False  # every process writes its trace, not only process 0
 
@@ -275,6 +275,7 @@ def validate(cfg: Config) -> None:
       (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
       *[(v == -1 or v >= 1, f"mesh.{k}={v} must be -1 (the remaining devices) or at least 1")
         for k, v in (("data", cfg.mesh.data), ("fsdp", cfg.mesh.fsdp), ("tensor", cfg.mesh.tensor))],
+      (cfg.profile.start_step >= 1 and cfg.profile.steps >= 0, f"profile.start_step={cfg.profile.start_step} must be at least 1 and profile.steps={cfg.profile.steps} at least 0"),
   ]
   for ok, msg in checks:
     if not ok:

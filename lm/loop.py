@@ -104,16 +104,44 @@ class StopRequest:
   def _handle(self, signum: int, frame: Any) -> None:
     self.received = signum
 
-  def agreed(self) -> bool:
-    """True on every process once any process received a signal."""
+  def agreed(self, waits_anyway: bool) -> bool:
+    """True on every process, at the same step, once any process received a signal. Across processes
+    that takes an all-gather, which waits for the step in flight, so it is asked only every `log.every`
+    steps and at steps that evaluate or save (which wait anyway); a step between says no."""
     asked = self.received is not None
-    if jax.process_count() > 1:
-      asked = bool(np.max(multihost_utils.process_allgather(np.int32(asked))))
-    return asked
+    if jax.process_count() == 1:
+      return asked
+    return waits_anyway and bool(np.max(multihost_utils.process_allgather(np.int32(asked))))
 
   def restore(self) -> None:
     for s, handler in self.previous.items():
       signal.signal(s, handler)
+
+
+class Profile:
+  """A jax.profiler trace of `profile.steps` steps from `profile.start_step`, in WORKDIR/profile/process_N,
+  for TensorBoard's profile plugin or XProf; only process 0 traces unless `profile.all_processes`."""
+
+  def __init__(self, cfg: config.ProfileConfig, workdir: Path):
+    self.first, self.last = cfg.start_step, cfg.start_step + cfg.steps - 1
+    self.on = cfg.steps > 0 and (cfg.all_processes or jax.process_index() == 0)
+    self.dir = workdir / "profile" / f"process_{jax.process_index()}"
+    self.tracing = False
+
+  def before(self, step: int) -> None:
+    if self.on and step == self.first:
+      jax.profiler.start_trace(str(self.dir))
+      self.tracing = True
+
+  def after(self, step: int, state: TrainState) -> None:
+    if self.tracing and step == self.last:
+      jax.block_until_ready(state)  # the trace holds the last traced step's device work
+      self.stop()
+
+  def stop(self) -> None:
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
 
 
 class StepLog:
@@ -230,10 +258,11 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   if peak is None:
     writer.say(f"peak FLOP/s of {mesh.devices.flat[0].device_kind} is unknown (lm/flops.py PEAK_FLOPS); MFU is not reported")
   log = StepLog(cfg, writer, start, peak)
-  saves, stop = Saves(ckpts, meta), StopRequest()
+  saves, stop, profile = Saves(ckpts, meta), StopRequest(), Profile(cfg.profile, workdir)
   try:
-    state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop)
+    state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop, profile)
   finally:
+    profile.stop()
     stop.restore()
     train_iter.close()
     writer.close()
@@ -244,12 +273,14 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
 
 
 def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_batches: list[dict[str, np.ndarray]],
-          log: StepLog, saves: Saves, stop: StopRequest) -> TrainState:
+          log: StepLog, saves: Saves, stop: StopRequest, profile: Profile) -> TrainState:
   """Steps until `train.steps` or a stop request; each step's metrics are read while the next one runs."""
   pending, start, began = None, int(state.step), time.perf_counter()
   for step in range(start, cfg.train.steps):
-    state, step_metrics = steps.train_step(state, steps.shard_batch(next(train_iter)))
     done = step + 1
+    profile.before(done)
+    state, step_metrics = steps.train_step(state, steps.shard_batch(next(train_iter)))
+    profile.after(done, state)
     if step == start:  # compiles first: timed on its own, and left out of tokens/s
       jax.block_until_ready(step_metrics)
       log.writer.say(f"step {done} took {time.perf_counter() - began:.1f}s with its compilation (left out of tokens/s)")
@@ -257,9 +288,11 @@ def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_bat
     if pending is not None:
       log(*pending)
     pending = (done, step_metrics)
-    last, stopping = done == cfg.train.steps, stop.agreed()
+    last = done == cfg.train.steps
     evaluate_now = bool(val_batches) and (due(done, cfg.eval.every) or last)
-    save_now = due(done, cfg.checkpoint.every) or last or stopping
+    save_now = due(done, cfg.checkpoint.every) or last
+    stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every))
+    save_now = save_now or stopping
     if evaluate_now or save_now:
       log(*pending)  # a NaN stops here, before anything is saved
       pending = None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from lm import config
@@ -15,10 +16,10 @@ from lm.checkpoint import Checkpoints, UnreadableCheckpoint, open_run
 from lm.config import Config, ConfigError
 
 # Settings that may change when a run resumes: schedule, cadences, precision, remat, the attention
-# kernel and the mesh.
+# kernel, the mesh and profiling.
 SAFE_CHANGES = ("train.steps", "train.learning_rate", "train.warmup_steps", "train.min_lr_ratio",
                 "train.weight_decay", "train.b1", "train.b2", "train.clip_norm", "train.z_loss",
-                "train.grad_accum", "model.dtype", "model.remat", "model.attention", "eval.", "checkpoint.", "log.", "mesh.")
+                "train.grad_accum", "model.dtype", "model.remat", "model.attention", "eval.", "checkpoint.", "log.", "mesh.", "profile.")
 
 
 def config_changes(saved: dict[str, Any], cfg: Config, keys: tuple[str, ...] | None = None) -> list[str]:
@@ -68,22 +69,36 @@ def check_init_from(spec: str, saved: dict[str, Any], cfg: Config, meta: dict[st
                       f"with ({saved['tokenizer']['path']}); leave tokenizer.path empty to take that one")
 
 
+def failed_processes(failed: bool) -> list[int]:
+  """Which processes failed, the same list on every process."""
+  if jax.process_count() == 1:
+    return [0] if failed else []
+  return np.flatnonzero(multihost_utils.process_allgather(np.int32(failed))).tolist()
+
+
 def restore_newest(ckpts: Checkpoints, cfg: Config, meta: dict[str, Any], workdir: Path, abstract_state: Any,
                    data_iter: Any, say: Callable[[str], None]) -> Any | None:
-  """The state of the newest readable checkpoint (and the data position it saved), or None where there is
-  none; unreadable checkpoints are set aside on the way."""
+  """The state of the newest checkpoint every process can read (and the data position it saved), or None
+  where there is none; unreadable checkpoints are set aside on the way. All processes agree on each step,
+  so one that cannot read its part of a checkpoint moves them all on to the previous one."""
+  fresh = data_iter.get_state()
   for step in reversed(ckpts.steps()):
+    error = None
     try:
       saved = ckpts.meta(step)
       check_resumable(saved, cfg, meta, workdir, step)
       state = ckpts.restore(step, abstract_state, data_iter)
     except UnreadableCheckpoint as e:
-      moved = ckpts.set_aside(step) if jax.process_index() == 0 else None
-      multihost_utils.sync_global_devices("unreadable checkpoint set aside")
-      say(f"{e}; moved it to {moved}; trying the previous checkpoint")
+      error = e
+    if failed := failed_processes(error is not None):
+      moved = ckpts.set_aside(step)
+      why = str(error or f"checkpoint at step {step} is unreadable")
+      why += f" on process(es) {failed}" if jax.process_count() > 1 else ""
+      say(f"{why}; moved it to {moved}; trying the previous checkpoint")
       continue
     if changes := config_changes(saved["config"], cfg):
       say(f"resuming with changed settings: {'; '.join(changes)}")
     say(f"resumed from step {step}")
     return state
+  data_iter.set_state(fresh)  # a process that read a checkpoint the others could not had moved it
   return None

@@ -39,7 +39,7 @@ def single(tmp_path_factory) -> Path:
 
 
 def test_two_processes_log_the_losses_of_one_process(single, tmp_path):
-  proc = cluster(tmp_path / "run", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  proc = cluster(tmp_path / "run", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "profile.start_step=3", "profile.steps=2")
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr
   assert len(losses(single)) == 8
@@ -47,6 +47,10 @@ def test_two_processes_log_the_losses_of_one_process(single, tmp_path):
   assert "[p0] step 8 | loss" in stdout and "[p1] step" not in stdout  # only process 0 logs
   positions = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "8" / "data").glob("process_*"))
   assert positions == ["process_0-of-2.json", "process_1-of-2.json"]  # each process saves its data position
+  # only process 0 traces: an XProf trace of the train step, as TensorBoard's profile plugin reads it
+  assert sorted(p.name for p in (tmp_path / "run" / "profile").iterdir()) == ["process_0"]
+  traces = list((tmp_path / "run" / "profile" / "process_0" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1 and b"train_step" in traces[0].read_bytes()
 
 
 def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
@@ -61,10 +65,14 @@ def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
   assert proc.returncode == 0, stderr
   stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
   assert stopped < 8
+  # only process 1 cannot read its part of the newest checkpoint: both go back to the one before (or start
+  # afresh), together; losses equal to the single process's show they restored the same step
+  (workdir / "checkpoints" / str(stopped) / "data" / "process_1-of-2.json").write_text("{not json")
   proc = cluster(workdir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr
-  assert f"[p0] resumed from step {stopped}" in stdout
+  assert f"[p0] checkpoint at step {stopped} is unreadable on process(es) [1]; moved it to" in stdout
+  assert ("[p0] resumed from step 4" in stdout) == (stopped > 4) and f"resumed from step {stopped}" not in stdout
   np.testing.assert_allclose(losses(workdir), losses(single), atol=1e-5)
 
 
