@@ -152,6 +152,7 @@ def test_parquet_gzip_and_zstd_sources_round_trip_and_name_bad_rows(tmp_path, mo
   built = index.stat().st_mtime_ns
   assert data.open_source(f"jsonl:{tmp_path}/*.jsonl.zst", text_field="body")[29] == texts[29]
   assert index.stat().st_mtime_ns == built  # built once, cached beside the data
+  assert len(data.open_source(f"jsonl:{tmp_path}/*.zst", text_field="body")) == 30  # its index is no document
 
   import pyarrow as pa
   import pyarrow.parquet as pq
