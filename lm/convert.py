@@ -189,7 +189,7 @@ def write_run(workdir: Path, cfg: Config, params: dict[str, Any], tokenizer: Pat
   meta = run_meta(config.to_dict(cfg), tok.path)
   t = cfg.train
   data_iter = iter(data.batches(data.split(cfg.data)[0], tok, seq_len=t.seq_len, global_batch=t.batch_size,
-                                seed=t.seed, shuffle_window=cfg.data.shuffle_window))
+                                seed=t.seed, shuffle_window=cfg.data.shuffle_window, workers=cfg.data.workers))
   ckpts = Checkpoints(workdir / "checkpoints")
   try:
     ckpts.save(0, state, data_iter, meta)

@@ -20,7 +20,7 @@ import grain.experimental as gx
 import numpy as np
 
 from lm.config import ConfigError, DataConfig
-from lm.formats import CompressedJsonLines, Parquet, record_text
+from lm.formats import INDEX_SUFFIXES, CompressedJsonLines, Parquet, record_text
 from lm.token_cache import TokenCache
 from lm.tokenizer import Tokenizer
 
@@ -134,6 +134,7 @@ def _match(pattern: str, spec: str) -> list[str]:
 
 
 def _jsonl(spec: str, paths: list[str], text_field: str) -> Any:
+  paths = [p for p in paths if not p.endswith(INDEX_SUFFIXES)]  # when a glob or directory also matches our indexes
   compressed = [p.endswith((".gz", ".zst")) for p in paths]
   if any(compressed) and not all(compressed):
     raise ConfigError(f"data source '{spec}' matches both compressed and plain files; name one kind (or use data.mixture)")

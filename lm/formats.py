@@ -19,6 +19,7 @@ import zstandard
 from lm.config import ConfigError
 
 BLOCK_BYTES = 1 << 20  # lines are recompressed in independent zstd blocks of about this many bytes
+INDEX_SUFFIXES = (".lmindex.npz", ".lmindex.zst")  # the files written beside each compressed one
 
 
 def record_text(line: bytes, where: str, field: str) -> str:
@@ -119,7 +120,7 @@ class CompressedJsonLines:
   def __init__(self, paths: Sequence[str], field: str):
     self.paths, self.field, self.files, self.counts = list(paths), field, [], [0]
     for path in self.paths:
-      index_path, blocks_path = Path(path + ".lmindex.npz"), Path(path + ".lmindex.zst")
+      index_path, blocks_path = (Path(path + suffix) for suffix in INDEX_SUFFIXES)
       stat = os.stat(path)
       fresh = index_path.exists() and blocks_path.exists() and \
           list(np.load(index_path)["source"]) == [stat.st_size, stat.st_mtime_ns]
@@ -143,7 +144,7 @@ class CompressedJsonLines:
     b = bisect.bisect_right(index["block_starts"], start) - 1
     block = self.cached.get(f)
     if block is None or block[0] != b:
-      with open(self.paths[f] + ".lmindex.zst", "rb") as fh:
+      with open(self.paths[f] + INDEX_SUFFIXES[1], "rb") as fh:
         fh.seek(int(index["block_offsets"][b]))
         raw = fh.read(int(index["block_offsets"][b + 1] - index["block_offsets"][b]))
       block = b, zstandard.ZstdDecompressor().decompress(raw)

@@ -7,6 +7,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,3 +189,19 @@ def test_keeps_the_newest_k_and_every_m_th_checkpoint_and_zero_cadences_mean_the
   assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps() == [4, 8, 9]
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], "loss" in r, "val_loss" in r) for r in rows] == [(9, True, False), (9, False, True)]
+
+
+def test_a_run_on_a_token_cache_logs_the_raw_runs_losses_and_resumes_bitwise(straight, tmp_path):
+  cache = tmp_path / "cache"
+  prepare = subprocess.run([sys.executable, "-m", "launch.prepare", "--quiet", "--out", str(cache), "--workers", "2",
+                            f"tokenizer.path={straight / 'tokenizer.model'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert prepare.returncode == 0, prepare.stderr
+  workdir, on_cache = tmp_path / "run", [*STEPS, f"data.source=tokens:{cache}"]  # the tokenizer comes from the cache
+  proc = start(workdir, *on_cache)
+  wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= 3)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "stopped by SIGTERM" in stdout, stderr
+  out = run_trainer(workdir, *on_cache)
+  assert out.returncode == 0 and "resumed from step" in out.stdout, out.stderr
+  assert losses(workdir) == losses(straight)  # the same documents in the same order, every step bitwise
