@@ -191,8 +191,6 @@ TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
   """Every collective a compiled module runs, as (kind, result shape, bytes, times run): ops inside a
   loop body count once per iteration of each loop around them (XLA's known trip counts)."""
-  import numpy as np
-
   bodies: dict[str, list[str]] = {}
   name = None
   for line in hlo.splitlines():
@@ -242,7 +240,6 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   `lm-sample` restores them, on the mesh given by mesh.* overrides or else the decode mesh."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
 
   from lm import sharding
