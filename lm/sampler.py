@@ -215,10 +215,12 @@ class Sampler:
             "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
 
   def empty_state(self, B: int, S: int) -> dict[str, Any]:
+    """Every slot free (done), allocated in place with its sharding."""
     abstract = self.abstract_state(B, S)
-    make = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract) | {"done": jnp.ones((B,), bool)},
-                   out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
-    return make()
+    make = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract) | {"done": jnp.ones((B,), bool)}
+    if ("empty", B, S) not in self.compiled:
+      self.compiled["empty", B, S] = jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
+    return self.compiled["empty", B, S]()
 
   def _insert_fn(self, params, state, tokens_RxP, lengths_R, budget_R, slots_R, key_data_R, temperature, top_k, top_p):
     """Prefills R prompts and writes them into slots `slots_R` (ids past the last slot: padding rows)."""

@@ -145,7 +145,7 @@ def test_the_default_decode_mesh_gathers_no_weight_on_a_tpu_topology():
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from launch import aot
 
-  model = ["model.vocab_size=2048", "model.num_layers=2", "model.max_seq_len=64"]
+  model = ["model.vocab_size=2048", "model.num_layers=2", "model.max_seq_len=64", "train.seq_len=64"]
   decode = aot.sampling_config(config.load("configs/tiny.yaml", model), 4, mesh_given=False)
   fsdp = aot.sampling_config(config.load("configs/tiny.yaml", model + ["mesh.data=1", "mesh.fsdp=-1"]), 4, mesh_given=True)
   family, dims = aot.topology_shape("v5e-4")
