@@ -284,3 +284,22 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
   other = sample_cli(*[a if a != "0.9" else "0.5" for a in args])
   assert other.returncode == 1
   assert other.stderr.strip().splitlines()[-1] == f"error: --output '{out}' was written with other settings (temperature: 0.9 then, 0.5 now); rerun with those or choose a new path"
+
+
+@pytest.mark.slow
+def test_cli_speculative_decoding(one_step_run):
+  """--draft DIR:STEP with the run as its own draft keeps every guess and gives plain greedy's tokens;
+  a draft trained with another tokenizer and a round of no guesses are refused in one line."""
+  from lm import speculative
+
+  done = sample_cli("--workdir", str(one_step_run), "--prompt", "def f(x):", "--max-new-tokens", "9", "--temperature", "0",
+                    "--draft", f"{one_step_run}:1", "--draft-tokens", "3")
+  assert done.returncode == 0, done.stderr
+  assert "(acceptance 100%, 4.00 tokens per target pass)" in done.stderr
+  target = Sampler.from_workdir(one_step_run)
+  assert json.loads(done.stdout)["token_ids"] == target.generate(["def f(x):"], max_new_tokens=9)[0].token_ids
+  target.tokenizer_digest = "0" * 64
+  with pytest.raises(ConfigError, match=f"^--draft '{one_step_run}' was trained with tokenizer SHA-256 [0-9a-f]{{12}}\\.\\.\\., the target with 000000000000\\.\\.\\.; a draft must share the target's tokenizer$"):
+    speculative.load_draft(target, str(one_step_run))
+  with pytest.raises(ConfigError, match="^--draft-tokens=0 must be at least 1$"):
+    speculative.speculate(target, speculative.Ngram(), 0)
