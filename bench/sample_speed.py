@@ -1,71 +1,110 @@
-"""Sampling throughput: python -m bench.sample_speed
+"""Sampling throughput: python -m bench.sample_speed [--job-prompts 512] [--hf-new-tokens 128]
 
-The KV-cached sampler (prefill, then a scan of decode steps) against a naive decoder that recomputes
-the full forward pass over the whole sequence for every new token, on the width-384 benchmark model.
-The naive decoder runs a few steps at the full sequence length (each of its steps costs the same,
-one forward pass of that shape) and its rate is taken from those.
+Job mode: prompts of 8 to 256 tokens whose completions end anywhere from 25 to 256 new tokens (a
+row-dependent budget standing in for a stop token), sampled with static batches (new prompts enter
+only when the whole batch is done, and a batch runs for its longest completion) and with continuous
+batching, in one run on the same model. Tokens/s count kept tokens over the job's wall time,
+compiles excluded.
+
+Decode mode: batch 1 and 16 greedy decode tokens/s against Hugging Face transformers' `generate` on
+the same random Llama (float32, CPU), imported through lm.convert.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
+import numpy as np
+import torch
+import transformers
 
-from lm import config, data, sharding
-from lm.model import Transformer, count_params
-from lm.sampler import Sampler
-from lm.tokenizer import train as train_tokenizer
-from lm.train import abstract_model
+from lm import config, sharding
+from lm.convert import model_config, read_params
+from lm.sampler import Knobs, Request, Sampler
 
-MODEL = ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.num_kv_heads=6", "model.d_ff=1536",
-         "model.max_seq_len=512", "model.dtype=float32", "mesh.data=1"]
+LLAMA = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
 
 
-def naive_rate(cfg: config.Config, params, rows: int, length: int, steps: int) -> float:
-  graphdef = abstract_model(cfg.model)[0]
-  forward = jax.jit(lambda params, tokens: jnp.argmax(nnx.merge(graphdef, params)(tokens)[:, -1], axis=-1))
-  tokens = jnp.zeros((rows, length), jnp.int32)
-  forward(params, tokens).block_until_ready()
+def imported_llama(tmp: str) -> tuple[Sampler, transformers.LlamaForCausalLM]:
+  torch.manual_seed(0)
+  theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+  theirs.save_pretrained(tmp, safe_serialization=True)
+  m = model_config(json.loads((Path(tmp) / "config.json").read_text()), Path(tmp))
+  cfg = config.Config(model=m, mesh=config.MeshConfig(data=1, fsdp=1, tensor=1))
+  params = jax.device_put(read_params(Path(tmp), m), jax.devices()[0])
+  return Sampler(cfg, params, None, sharding.make_mesh(cfg.mesh, jax.devices()[:1])), theirs
+
+
+def timed_run(sampler: Sampler, requests: list[Request], **kwargs) -> tuple[int, float]:
+  """Kept tokens and wall seconds of a job, compiles excluded."""
+  sampler.timing = type(sampler.timing)()
   start = time.perf_counter()
-  for _ in range(steps):
-    forward(params, tokens).block_until_ready()
-  return rows * steps / (time.perf_counter() - start)
+  for _ in sampler.run(requests, Knobs(), **kwargs):
+    pass
+  return sampler.timing.decode_tokens, time.perf_counter() - start - sampler.timing.compile_seconds
+
+
+def job_table(sampler: Sampler, prompts: int, batch: int, chunk: int) -> None:
+  rng = np.random.default_rng(0)
+  requests = [Request(i, 0, "", rng.integers(3, 32000, rng.integers(8, 257)).tolist(), int(25 + (i * 37) % 232))
+              for i in range(prompts)]
+  print(f"job: {prompts} prompts of 8-256 tokens, completions of 25-256 tokens, {batch} slots, chunk {chunk}\n")
+  print("| batching | kept tokens | seconds | kept tokens/s | speed-up |")
+  print("|---|---|---|---|---|")
+  rates = {}
+  for name, static in (("static", True), ("continuous", False)):
+    timed_run(sampler, requests[:batch], batch_size=batch, chunk=chunk, static=static)  # compiles
+    tokens, seconds = timed_run(sampler, requests, batch_size=batch, chunk=chunk, static=static)
+    rates[name] = tokens / seconds
+    print(f"| {name} | {tokens:,} | {seconds:.1f} | {rates[name]:,.0f} | {rates[name] / rates['static']:.1f}x |")
+
+
+def hf_table(sampler: Sampler, theirs, prompt: int, new: int, chunk: int) -> None:
+  print(f"\ndecode: prompt {prompt} tokens, {new} new tokens, greedy, float32 on CPU ({torch.get_num_threads()} torch threads)\n")
+  print("| batch | ours tokens/s | transformers generate tokens/s | ratio |")
+  print("|---|---|---|---|")
+  rng = np.random.default_rng(1)
+  for rows in (1, 16):
+    ids = rng.integers(3, 32000, (rows, prompt))
+    requests = [Request(i, 0, "", ids[i].tolist(), new) for i in range(rows)]
+    timed_run(sampler, requests, batch_size=rows, chunk=chunk)  # compiles
+    timed_run(sampler, requests, batch_size=rows, chunk=chunk)
+    ours = sampler.timing.decode_tokens / sampler.timing.decode_seconds
+    inputs = torch.tensor(ids)
+    with torch.no_grad():
+      generate = lambda n: theirs.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                                           max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+      generate(2)
+      start = time.perf_counter()
+      generate(1)
+      first = time.perf_counter() - start  # the prefill and the first token
+      start = time.perf_counter()
+      generate(new)
+      hf = rows * (new - 1) / (time.perf_counter() - start - first)
+    print(f"| {rows} | {ours:,.0f} | {hf:,.0f} | {ours / hf:.2f}x |")
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--new-tokens", type=int, default=256)
-  parser.add_argument("--prompt-tokens", type=int, default=64)
-  parser.add_argument("--naive-steps", type=int, default=4)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--job-prompts", type=int, default=512)
+  parser.add_argument("--job-batch", type=int, default=16)
+  parser.add_argument("--chunk", type=int, default=16)
+  parser.add_argument("--hf-prompt-tokens", type=int, default=64)
+  parser.add_argument("--hf-new-tokens", type=int, default=128)
+  parser.add_argument("--skip-job", action="store_true")
   args = parser.parse_args()
-  docs = data.TextFiles(data.stdlib_files())
   with tempfile.TemporaryDirectory() as tmp:
-    tok = train_tokenizer((docs[i] for i in range(0, len(docs), 9)),
-                          config.TokenizerConfig(vocab_size=2048, train_sentences=20000), f"{tmp}/t.model")
-  cfg = config.load(None, MODEL + [f"model.vocab_size={tok.vocab_size}"])
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  params = nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(0))))
-  sampler = Sampler(cfg, params, tok, mesh)
-  text = " ".join(docs[0].split())
-  prompt = tok.decode(tok.encode(text)[: args.prompt_tokens - 1])  # with BOS: prompt_tokens tokens
-  length = args.prompt_tokens + args.new_tokens
-  print(f"model: {count_params(cfg.model) / 1e6:.1f}M parameters (6 layers, width 384, vocab {tok.vocab_size}); "
-        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; device: {jax.devices()[0].device_kind}\n")
-  print("| batch | prefill tokens/s | decode tokens/s (KV cache) | naive decoder tokens/s | speed-up |")
-  print("|---|---|---|---|---|")
-  for rows in (1, 16):
-    sampler.generate([prompt] * rows, max_new_tokens=args.new_tokens, stop_tokens=(), batch_size=rows)  # compile
-    sampler.timing = type(sampler.timing)()
-    sampler.generate([prompt] * rows, max_new_tokens=args.new_tokens, stop_tokens=(), batch_size=rows)
-    t = sampler.timing
-    cached = t.decode_tokens / t.decode_seconds
-    naive = naive_rate(cfg, params, rows, length, args.naive_steps)
-    print(f"| {rows} | {t.prefill_tokens / t.prefill_seconds:,.0f} | {cached:,.0f} | {naive:,.1f} | {cached / naive:.0f}x |")
+    sampler, theirs = imported_llama(tmp)
+  print(f"model: random Llama, 4 layers, width 256, 4 heads / 2 kv heads, vocab 32000; device: {jax.devices()[0].device_kind}\n")
+  if not args.skip_job:
+    job_table(sampler, args.job_prompts, args.job_batch, args.chunk)
+  hf_table(sampler, theirs, args.hf_prompt_tokens, args.hf_new_tokens, args.chunk)
 
 
 if __name__ == "__main__":

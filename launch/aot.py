@@ -190,9 +190,7 @@ TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
   """Every collective a compiled module runs, as (kind, result shape, bytes, times run): ops inside a
-  loop body count once per iteration of each loop around them (XLA's known trip counts)."""
-  import numpy as np
-
+  loop body count once per iteration of each loop around them."""
   bodies: dict[str, list[str]] = {}
   name = None
   for line in hlo.splitlines():
@@ -212,14 +210,23 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
       if op and not re.search(r"-start\(", line):
         for dtype, dims in ARRAY.findall(op.group(1)):
           shape = tuple(int(d) for d in dims.split(",") if d)
-          found.append((op.group(2), shape, math.prod(shape) * np.dtype(dtype.replace("pred", "bool")).itemsize, times))
-      trips = int(m.group(1)) if (m := TRIPS.search(line)) else 1
+          itemsize = 1 if dtype == "pred" or dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)) // 8
+          found.append((op.group(2), shape, math.prod(shape) * itemsize, times))
+      trips = int(m.group(1)) if (m := TRIPS.search(line)) else loop_bound(bodies, line)
       for callees in CALLEE.findall(line):
         for callee in callees.replace("%", "").split(","):
           walk(callee.strip(), times * (trips if "body=" in line else 1))
 
   walk(entry, 1)
   return found
+
+
+def loop_bound(bodies: dict[str, list[str]], line: str) -> int:
+  """A while loop's trip count where XLA recorded none (TPU): the constant its condition compares
+  the counter with (a scan counts from 0 by 1)."""
+  cond = re.search(r"condition=%?([\w.\-]+)", line)
+  bounds = [int(c) for text in bodies.get(cond.group(1), []) for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", text)] if cond else []
+  return max(bounds, default=1)
 
 
 def is_weight(shape: tuple[int, ...], params) -> bool:
@@ -241,12 +248,11 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   `lm-sample` restores them, on the mesh given by mesh.* overrides or else the decode mesh."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
 
   from lm import sharding
+  from lm.params import abstract_model, param_shardings
   from lm.sampler import Sampler, bucket
-  from lm.train import abstract_model, param_shardings
 
   hbm = CHIPS[family][0]
   rules = cfg.mesh.rules

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
       proposer = speculative.load_draft(sampler, args.draft) if args.draft else speculative.Ngram()
       speculative.speculate(sampler, proposer, args.draft_tokens)
     requests = sampler.requests(prompts, args.num_samples, args.max_new_tokens)
-    knobs = Knobs(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    knobs = Knobs(args.temperature, args.top_k, args.top_p, args.seed)
     writer = jax.process_index() == 0  # every process samples its share; one writes
     out = sys.stdout if writer else None
     if args.output:

@@ -29,8 +29,8 @@ from jax.sharding import Mesh
 from lm import config, sharding
 from lm.checkpoint import file_digest, open_run, run_tokenizer
 from lm.config import Config, ConfigError
+from lm.params import abstract_model, param_shardings
 from lm.tokenizer import Tokenizer
-from lm.train import abstract_model, param_shardings
 
 MIN_BUCKET = 16
 MAX_STOP_TOKENS = 8  # stop ids are padded to this many (with -1, never a token), so one compile serves all
@@ -42,6 +42,7 @@ class Request:
   sample: int
   prompt: str
   ids: list[int]
+  budget: int  # at most this many new tokens
 
 
 @dataclasses.dataclass
@@ -69,7 +70,6 @@ class Timing:
 
 @dataclasses.dataclass
 class Knobs:
-  max_new_tokens: int = 64
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -206,7 +206,7 @@ class Sampler:
       ids = self.encode(prompt)
       if len(ids) + max_new_tokens > self.cfg.model.max_seq_len:
         raise ConfigError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's max_seq_len={self.cfg.model.max_seq_len}")
-      out += [Request(i, j, prompt, ids) for j in range(num_samples)]
+      out += [Request(i, j, prompt, ids, max_new_tokens) for j in range(num_samples)]
     return out
 
   def _rows(self, x: np.ndarray) -> jax.Array:
@@ -224,7 +224,7 @@ class Sampler:
         (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
     state = {"cache": (cache, cache), "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
-             "count": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
+             "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
     return state | (self.speculation.abstract_state(self, B, S) if self.speculation else {})
 
   def prefill(self, params, cache, tokens_RxP, lengths_R, slots_R) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -240,12 +240,14 @@ class Sampler:
     return jnp.take_along_axis(logits, (lengths_R - 1)[:, None, None], axis=1)[:, 0], cache
 
   def empty_state(self, B: int, S: int) -> dict[str, Any]:
+    """Every slot free (done), allocated in place with its sharding."""
     abstract = self.abstract_state(B, S)
-    make = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract) | {"done": jnp.ones((B,), bool)},
-                   out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
-    return make()
+    make = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract) | {"done": jnp.ones((B,), bool)}
+    if ("empty", B, S) not in self.compiled:
+      self.compiled["empty", B, S] = jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
+    return self.compiled["empty", B, S]()
 
-  def _insert_fn(self, params, state, tokens_RxP, lengths_R, slots_R, key_data_R, temperature, top_k, top_p):
+  def _insert_fn(self, params, state, tokens_RxP, lengths_R, budget_R, slots_R, key_data_R, temperature, top_k, top_p):
     """Prefills R prompts and writes them into slots `slots_R` (ids past the last slot: padding rows)."""
     last_RxV, cache = self.prefill(params, state["cache"], tokens_RxP, lengths_R, slots_R)
     keys_R = jax.random.wrap_key_data(key_data_R)
@@ -253,10 +255,11 @@ class Sampler:
                             temperature, top_k, top_p, self.vocab)
     put = lambda a, x: a.at[slots_R].set(x.astype(a.dtype), mode="drop")
     return state | {"cache": cache, "token": put(state["token"], token), "logprob": put(state["logprob"], logprob),
-            "pos": put(state["pos"], lengths_R), "count": put(state["count"], jnp.zeros_like(lengths_R)),
-                    "done": put(state["done"], jnp.zeros_like(lengths_R, bool)), "key": put(state["key"], key_data_R)}
+                    "pos": put(state["pos"], lengths_R), "count": put(state["count"], jnp.zeros_like(lengths_R)),
+                    "budget": put(state["budget"], budget_R), "done": put(state["done"], jnp.zeros_like(lengths_R, bool)),
+                    "key": put(state["key"], key_data_R)}
 
-  def _decode_fn(self, params, state, temperature, top_k, top_p, budget, stop_ids, steps):
+  def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, steps):
     """`steps` decode steps for every slot; emits each step's token, its log-probability and whether
     it belongs to a live row. Done rows compute along but stand still."""
     model = nnx.merge(self.graphdef, params)
@@ -265,7 +268,7 @@ class Sampler:
     def step(state, _):
       token, pos, count = state["token"], state["pos"], state["count"]
       emitted = (token, state["logprob"], ~state["done"])
-      done = state["done"] | jnp.any(token[:, None] == stop_ids[None], axis=-1) | (count + 1 >= budget)
+      done = state["done"] | jnp.any(token[:, None] == stop_ids[None], axis=-1) | (count + 1 >= state["budget"])
       visible_Bx1xS = (jnp.arange(S)[None] <= pos[:, None])[:, None]
       with sharding.activation_rules(self.mesh, self.rules):
         logits, cache = model.decode(token[:, None], pos[:, None], state["cache"], pos, visible_Bx1xS)
@@ -298,13 +301,13 @@ class Sampler:
         (R, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
     state = self.abstract_state(B, S)
     return self._compile(("insert", B, S, R, P), self._insert_fn, self._abstract(self.params), state,
-                         row(jnp.int32, P), row(jnp.int32), row(jnp.int32), row(jnp.uint32, state["key"].shape[1]),
+                         row(jnp.int32, P), row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.uint32, state["key"].shape[1]),
                          *self._knob_shapes())
 
   def decode_function(self, B: int, S: int, steps: int) -> Any:
     """Compiled chunk of `steps` decode steps over B slots of S positions."""
     return self._compile(("decode", B, S, steps), self._decode_fn, self._abstract(self.params),
-                         self.abstract_state(B, S), *self._knob_shapes(), jax.ShapeDtypeStruct((), jnp.int32),
+                         self.abstract_state(B, S), *self._knob_shapes(),
                          jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps)
 
   def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int = 16,
@@ -318,13 +321,12 @@ class Sampler:
     if len(stops) > MAX_STOP_TOKENS:
       raise ConfigError(f"{len(stops)} stop tokens (end-of-sequence included); at most {MAX_STOP_TOKENS} are supported")
     stop_ids = jnp.asarray(stops + [-1] * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
-    m = knobs.max_new_tokens
     B = -(-batch_size // self.rows_multiple) * self.rows_multiple
-    S = bucket(max(len(r.ids) for r in waiting) + m, self.cfg.model.max_seq_len)
+    S = bucket(max(len(r.ids) + r.budget for r in waiting), self.cfg.model.max_seq_len)
     decode = self.speculation.decode_function(self, B, S, chunk) if self.speculation else self.decode_function(B, S, chunk)
     state = self.empty_state(B, S)
     slots: list[Slot | None] = [None] * B
-    steps_in_batch = 0
+    steps_in_batch = batch_steps = 0  # static: a batch runs for its longest budget
     while waiting or any(slots):
       free = [s for s, slot in enumerate(slots) if slot is None]
       if waiting and free and (not static or len(free) == B):
@@ -332,9 +334,9 @@ class Sampler:
         state = self._insert(state, batch, free, knobs, B, S)
         for s, request in zip(free, batch):
           slots[s] = Slot(request)
-        steps_in_batch = 0
+        steps_in_batch, batch_steps = 0, max(r.budget for r in batch)
       start = time.perf_counter()
-      state, ids, lps, live = decode(self.params, state, *knobs.arrays(), jnp.int32(m), stop_ids)
+      state, ids, lps, live = decode(self.params, state, *knobs.arrays(), stop_ids)
       ids, lps, live = multihost_utils.process_allgather((ids, lps, live), tiled=True)
       self.timing.decode_seconds += time.perf_counter() - start
       if self.speculation:
@@ -343,10 +345,10 @@ class Sampler:
       for s, slot in enumerate(slots):
         if slot is None:
           continue
-        if not slot.finished and (reason := self._take(slot, ids[s][live[s]], lps[s][live[s]], stops, m)):
+        if not slot.finished and (reason := self._take(slot, ids[s][live[s]], lps[s][live[s]], stops)):
           slot.finished = True
           yield self._completion(slot, reason, logprobs)
-        if slot.finished and (not static or steps_in_batch >= m):  # static: the batch frees its slots together
+        if slot.finished and (not static or steps_in_batch >= batch_steps):  # static: the batch frees its slots together
           slots[s] = None
 
   def _insert(self, state, batch: list[Request], free: list[int], knobs: Knobs, B: int, S: int):
@@ -354,16 +356,17 @@ class Sampler:
     R = -(-R // self.rows_multiple) * self.rows_multiple
     P = bucket(max(len(r.ids) for r in batch), S)
     tokens = np.zeros((R, P), np.int32)
-    lengths = np.ones((R,), np.int32)
+    lengths, budgets = np.ones((R,), np.int32), np.ones((R,), np.int32)
     slots = np.full((R,), B, np.int32)  # past the last slot: dropped
     index, sample = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
     for r, (request, slot) in enumerate(zip(batch, free)):
       tokens[r, :len(request.ids)] = request.ids
-      lengths[r], slots[r], index[r], sample[r] = len(request.ids), slot, request.index, request.sample
+      lengths[r], budgets[r], slots[r] = len(request.ids), request.budget, slot
+      index[r], sample[r] = request.index, request.sample
     key_data = np.asarray(_request_keys(knobs.seed, index, sample))
     insert = self.insert_function(B, S, R, P)
     start = time.perf_counter()
-    state = insert(self.params, state, *map(self._rows, (tokens, lengths, slots, key_data)), *knobs.arrays())
+    state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, key_data)), *knobs.arrays())
     if self.speculation:
       state = self.speculation.insert(self, state, *map(self._rows, (tokens, lengths, slots)))
     state = jax.block_until_ready(state)
@@ -371,7 +374,7 @@ class Sampler:
     self.timing.prefill_tokens += int(lengths[:len(batch)].sum())
     return state
 
-  def _take(self, slot: Slot, ids: np.ndarray, lps: np.ndarray, stops: list[int], budget: int) -> str | None:
+  def _take(self, slot: Slot, ids: np.ndarray, lps: np.ndarray, stops: list[int]) -> str | None:
     """Appends a chunk's live tokens to a slot; "stop" or "length" when the row ended."""
     for token, logprob in zip(ids.tolist(), lps.tolist()):
       if token in stops:
@@ -379,7 +382,7 @@ class Sampler:
       slot.token_ids.append(token)
       slot.logprobs.append(logprob)
       self.timing.decode_tokens += 1
-      if len(slot.token_ids) == budget:
+      if len(slot.token_ids) == slot.request.budget:
         return "length"
     return None
 
@@ -397,7 +400,7 @@ class Sampler:
     key (seed, i, j), so it does not depend on batching."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
     requests = self.requests(prompts, num_samples, max_new_tokens)
-    knobs = Knobs(max_new_tokens, temperature, top_k, top_p, seed)
+    knobs = Knobs(temperature, top_k, top_p, seed)
     return sorted(self.run(requests, knobs, batch_size=batch_size, chunk=chunk, stop_tokens=stop_tokens,
                            logprobs=logprobs), key=lambda c: (c.index, c.sample))
 

@@ -157,7 +157,7 @@ class Speculation:
                              *map(target._abstract, (tokens_RxP, lengths_R, slots_R)))
     return insert(self.proposer.params, state, tokens_RxP, lengths_R, slots_R)
 
-  def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, budget, stop_ids, rounds):
+  def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, stop_ids, rounds):
     """`rounds` rounds for every slot; emits K+1 token places per round (the pending token and the
     guesses), live where the row is live and the guess was kept. Done rows compute along but stand still."""
     model = nnx.merge(target.graphdef, params)
@@ -182,7 +182,7 @@ class Speculation:
       live_BxT = ~done_B[:, None] & (jnp.arange(K + 1)[None] <= kept_B[:, None])
       stopped_B = jnp.any(live_BxT & jnp.any(tokens_BxT[..., None] == stop_ids, axis=-1), axis=-1)
       n_B = kept_B + 1
-      done = done_B | stopped_B | (count_B + n_B >= budget)
+      done = done_B | stopped_B | (count_B + n_B >= state["budget"])
       go = ~done
       with_next = jnp.where(jnp.arange(K + 2)[None] == n_B[:, None], next_B[:, None], jnp.pad(tokens_BxT, ((0, 0), (0, 1))))
       state = self.proposer.record(state, with_next, pos_B)
@@ -201,7 +201,7 @@ class Speculation:
     compiled = target._compile(("speculate", self.proposer.name, self.k, B, S, rounds), functools.partial(self._round_fn, target),
                                target._abstract(target.params), target.abstract_state(B, S),
                                target._abstract(self.proposer.params), *target._knob_shapes(),
-                               jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32),
+                               jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32),
                                rounds=rounds)
     return lambda params, state, *rest: compiled(params, state, self.proposer.params, *rest)
 

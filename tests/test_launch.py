@@ -73,6 +73,27 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   cache = 2 * m.num_layers * 4 * 256 * m.num_kv_heads * (m.d_model // m.num_heads) * 4 / 4
   assert aot_total(small.stdout, "KV cache per chip") == pytest.approx(cache, rel=0.01)
   assert aot_total(small.stdout, "decode total per chip") > cache
+  assert aot_total(small.stdout, "  of which weight all-gathers") > 0  # mesh.fsdp=-1: the FSDP sampling mesh
+
+
+@pytest.mark.slow
+def test_the_default_decode_mesh_gathers_no_weight_on_a_tpu_topology():
+  """Deviceless v5e-4: tensor over the 2 kv heads, data over slots. The compiled decode loop gathers
+  no weight (embedding included); the training FSDP mesh gathers every layer's."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from launch import aot
+
+  model = ["model.vocab_size=2048", "model.num_layers=2", "model.max_seq_len=64", "train.seq_len=64"]
+  decode = aot.sampling_config(config.load("configs/tiny.yaml", model), 4, mesh_given=False)
+  fsdp = aot.sampling_config(config.load("configs/tiny.yaml", model + ["mesh.data=1", "mesh.fsdp=-1"]), 4, mesh_given=True)
+  family, dims = aot.topology_shape("v5e-4")
+  gathered = {}
+  for name, c in (("decode", decode), ("fsdp", fsdp)):
+    report = aot.compile_sampler(c, aot.topology_mesh(c, family, dims, 1), family, 4, 16, 16)
+    gathered[name] = report["weight_gather_bytes"]
+    assert dict(report["rows"])["decode mesh"].startswith({"decode": "{'data': 2, 'fsdp': 1, 'tensor': 2}",
+                                                           "fsdp": "{'data': 1, 'fsdp': 4, 'tensor': 1}"}[name])
+  assert gathered["decode"] == 0 < gathered["fsdp"]
 
 
 def test_aot_errors(tmp_path):

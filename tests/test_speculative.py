@@ -31,16 +31,16 @@ def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
   target = make_sampler(tokenizer)
   n = 20
   requests = lambda: target.requests(JOB, 1, n)
-  plain = sorted(target.run(requests(), Knobs(n), batch_size=3, chunk=5), key=lambda c: c.index)
+  plain = sorted(target.run(requests(), Knobs(), batch_size=3, chunk=5), key=lambda c: c.index)
   stops = sorted({plain[0].token_ids[5], plain[1].token_ids[9], tokenizer.eos_id})
-  want = sorted(target.run(requests(), Knobs(n), batch_size=3, chunk=5, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
+  want = sorted(target.run(requests(), Knobs(), batch_size=3, chunk=5, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
   assert len({len(c.token_ids) for c in want}) > 2
   rates = {}
   for name, proposer, k in [("smaller", speculative.Draft(smaller_draft(target)), 3),
                             ("itself", speculative.Draft(target), 4), ("ngram", speculative.Ngram(), 3)]:
     spec = Sampler(target.cfg, target.params, tokenizer, target.mesh)
     speculative.speculate(spec, proposer, k)
-    got = sorted(spec.run(requests(), Knobs(n), batch_size=3, chunk=2, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
+    got = sorted(spec.run(requests(), Knobs(), batch_size=3, chunk=2, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
     assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in want], name
     np.testing.assert_allclose(sum((c.logprobs for c in got), []), sum((c.logprobs for c in want), []), atol=1e-4)
     assert spec.timing.decode_tokens == sum(len(c.token_ids) for c in want)
@@ -77,7 +77,7 @@ def exact_first_three(target: Sampler, prompt: list[int], temperature: float, to
 def empirical_first_three(sampler: Sampler, prompt: list[int], n: int, knobs: Knobs) -> np.ndarray:
   V = sampler.cfg.model.vocab_size
   counts = np.zeros((V, V, V))
-  for c in sampler.run([Request(0, j, "", prompt) for j in range(n)], knobs, batch_size=512, chunk=3):
+  for c in sampler.run([Request(0, j, "", prompt, 3) for j in range(n)], knobs, batch_size=512, chunk=3):
     counts[tuple(c.token_ids)] += 1
   return counts / n
 
@@ -86,7 +86,7 @@ def test_sampled_speculation_keeps_the_target_distribution(monkeypatch):
   """Tokens 2 and 3 come from a round of K=2 guesses by a different, smaller model: kept by the rule,
   redrawn from the residual, or drawn after all were kept. Always accepting gives the draft's tokens."""
   target, draft = tiny_vocab_model(0, 2), tiny_vocab_model(1, 1)
-  prompt, knobs = [1, 2, 3, 0, 2], Knobs(max_new_tokens=3, temperature=0.8, top_k=3, seed=0)
+  prompt, knobs = [1, 2, 3, 0, 2], Knobs(temperature=0.8, top_k=3, seed=0)
   want = exact_first_three(target, prompt, 0.8, 3)
   tv = {}
   for rule in ("speculative", "always accept"):
