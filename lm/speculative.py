@@ -146,13 +146,10 @@ class Speculation:
   def abstract_state(self, target: Sampler, B: int, S: int) -> dict[str, Any]:
     return self.proposer.abstract_state(target, B, S)
 
-  def _insert_fn(self, target: Sampler, params, state, tokens_RxP, lengths_R, slots_R):
-    return self.proposer.insert(target, params, state, tokens_RxP, lengths_R, slots_R)
-
   def insert(self, target: Sampler, state, tokens_RxP, lengths_R, slots_R):
     """After the engine's prefill of the same prompts into rows `slots_R`."""
     B, S, (R, P) = state["token"].shape[0], target_len(state), tokens_RxP.shape
-    insert = target._compile(("speculate-insert", self.proposer.name, B, S, R, P), functools.partial(self._insert_fn, target),
+    insert = target._compile(("speculate-insert", self.proposer.name, B, S, R, P), functools.partial(self.proposer.insert, target),
                              target._abstract(self.proposer.params), target._abstract(state),
                              *map(target._abstract, (tokens_RxP, lengths_R, slots_R)))
     return insert(self.proposer.params, state, tokens_RxP, lengths_R, slots_R)
