@@ -71,12 +71,15 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4)
 
 
+pick = jax.jit(choose, static_argnames="vocab")  # eager, every call would trace and compile its branches anew
+
+
 def naive_sample(forward, params, ids, n, key, temperature, top_p, vocab):
   """Token t drawn with key fold_in(key, t) from a full forward pass over everything before it."""
   seq = np.zeros((1, 64), np.int32)  # one shape for every prompt; causality makes the zeros inert
   seq[0, :len(ids)] = ids
   for end in range(len(ids), len(ids) + n):
-    token, _ = choose(jax.random.fold_in(key, end - len(ids))[None], forward(params, seq)[end - 1][None],
+    token, _ = pick(jax.random.fold_in(key, end - len(ids))[None], forward(params, seq)[end - 1][None],
                       jnp.float32(temperature), jnp.int32(0), jnp.float32(top_p), vocab)
     seq[0, end] = int(token[0])
   return seq[0, len(ids):len(ids) + n].tolist()
