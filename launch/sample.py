@@ -23,10 +23,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch-size", type=int, default=16, help="slots: rows decoded together")
-  parser.add_argument("--chunk", type=int, default=16, help="decode steps per compiled call, between refills")
+  parser.add_argument("--chunk", type=int, default=16, help="decode steps (speculative: rounds) per compiled call, between refills")
   parser.add_argument("--logprobs", action="store_true", help="add per-token log-probabilities")
   parser.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
                       help="also stop at this token id (repeatable; end-of-sequence always stops)")
+  speculate = parser.add_mutually_exclusive_group()
+  speculate.add_argument("--draft", metavar="DIR[:STEP]", help="speculative decoding: a smaller run on the same tokenizer proposes tokens")
+  speculate.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup (no second model)")
+  parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens proposed per speculative round")
   parser.add_argument("--output", help="JSON lines, written as completions finish; a rerun resumes it")
   parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="decode mesh settings")
   args = parser.parse_intermixed_args(argv)
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
   import jax
 
-  from lm import distributed, jobs  # after argument parsing, so --help needs no jax
+  from lm import distributed, jobs, speculative  # after argument parsing, so --help needs no jax
   from lm.sampler import Knobs, Sampler, check_sampling
 
   logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
@@ -46,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError(f"--chunk={args.chunk} must be at least 1")
     prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
     sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides)
+    if args.draft or args.speculate:
+      proposer = speculative.load_draft(sampler, args.draft) if args.draft else speculative.Ngram()
+      speculative.speculate(sampler, proposer, args.draft_tokens)
     requests = sampler.requests(prompts, args.num_samples, args.max_new_tokens)
     knobs = Knobs(args.temperature, args.top_k, args.top_p, args.seed)
     writer = jax.process_index() == 0  # every process samples its share; one writes
@@ -56,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                   "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                   "top_p": args.top_p, "seed": args.seed, "stop_tokens": sorted(args.stop_token),
                   "logprobs": args.logprobs}
+      if sampler.speculation:  # sampled tokens depend on the proposer (greedy ones do not, but one rule is simpler)
+        settings["speculate"] = f"{args.draft or args.speculate}, {args.draft_tokens} tokens"
       out, done = jobs.open_output(args.output, settings, write=writer)
       requests = [r for r in requests if (r.index, r.sample) not in done]
     if writer:
@@ -74,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1
   if writer:
     print(f"prefill {t.prefill_tokens / max(t.prefill_seconds, 1e-9):,.0f} tokens/s | "
-          f"decode {t.decode_tokens / max(t.decode_seconds, 1e-9):,.0f} kept tokens/s | compile {t.compile_seconds:.1f}s",
-          file=sys.stderr)
+          f"decode {t.decode_tokens / max(t.decode_seconds, 1e-9):,.0f} kept tokens/s"
+          + (f" (acceptance {t.accepted / max(t.proposed, 1):.0%}, {(t.target_passes + t.accepted) / max(t.target_passes, 1):.2f} tokens per target pass)"
+             if sampler.speculation else "") + f" | compile {t.compile_seconds:.1f}s", file=sys.stderr)
   return 0
 
 

@@ -63,6 +63,9 @@ class Timing:
   decode_tokens: int = 0  # kept tokens only: no empty slots, nothing after a stop
   decode_seconds: float = 0.0
   compile_seconds: float = 0.0
+  target_passes: int = 0  # speculative decoding: rounds of live rows, their proposed and accepted tokens
+  proposed: int = 0
+  accepted: int = 0
 
 
 @dataclasses.dataclass
@@ -89,15 +92,10 @@ def bucket(length: int, limit: int) -> int:
   return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), limit)
 
 
-def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array, vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Next tokens and their log-probabilities. Temperature 0 is greedy; top_k 0 and top_p 1 switch
-  those filters off. Each row draws from its own key. Ids from `vocab` on (a padded vocabulary's
-  tail) are never chosen. Only top-k/top-p sort the vocabulary."""
+def scaled_logits(logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """The logits a sampled token is drawn from: divided by the temperature, with -inf outside the top
+  k and outside the nucleus. Only top-k/top-p sort the vocabulary."""
   V = logits_BxV.shape[-1]
-  if vocab is not None and vocab < V:
-    logits_BxV = jnp.where(jnp.arange(V) < vocab, logits_BxV, -jnp.inf)
-  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
 
   def filtered(scaled):
     sorted_BxV = -jnp.sort(-scaled, axis=-1)
@@ -108,10 +106,22 @@ def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top
     threshold = jnp.min(jnp.where(in_nucleus, sorted_BxV, jnp.inf), axis=-1)
     return jnp.where(scaled >= jnp.maximum(threshold, kth)[:, None], scaled, -jnp.inf)
 
+  scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
+  return jax.lax.cond((top_k > 0) | (top_p < 1), filtered, lambda x: x, scaled)
+
+
+def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array, vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Next tokens and their log-probabilities. Temperature 0 is greedy; top_k 0 and top_p 1 switch
+  those filters off. Each row draws from its own key. Ids from `vocab` on (a padded vocabulary's
+  tail) are never chosen."""
+  V = logits_BxV.shape[-1]
+  if vocab is not None and vocab < V:
+    logits_BxV = jnp.where(jnp.arange(V) < vocab, logits_BxV, -jnp.inf)
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+
   def sample():
-    scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
-    scaled = jax.lax.cond((top_k > 0) | (top_p < 1), filtered, lambda x: x, scaled)
-    return jax.vmap(jax.random.categorical)(keys_B, scaled)
+    return jax.vmap(jax.random.categorical)(keys_B, scaled_logits(logits_BxV, temperature, top_k, top_p))
 
   tokens = jax.lax.cond(temperature == 0, lambda: jnp.argmax(logits_BxV, axis=-1), sample)
   return tokens, jnp.take_along_axis(logprobs_BxV, tokens[:, None], axis=-1)[:, 0]
@@ -145,6 +155,7 @@ def load_params(ckpts, step: int, cfg: Config, mesh: Mesh) -> Any:
 class Sampler:
   def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh):
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+    self.speculation: Any = None  # an lm.speculative.Speculation: decode rounds of proposed tokens instead of steps
     self.graphdef, _ = abstract_model(cfg.model)
     self.rules = cfg.mesh.rules
     self.vocab = tokenizer.vocab_size if tokenizer is not None else cfg.model.vocab_size
@@ -153,6 +164,7 @@ class Sampler:
     self.compiled: dict[tuple, Any] = {}
     self.timing = Timing()
     self.step: int | None = None  # the checkpoint's, when restored from one
+    self.tokenizer_digest: str | None = None  # the SHA-256 the checkpoint records for its tokenizer
 
   @classmethod
   def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
@@ -178,7 +190,7 @@ class Sampler:
     finally:
       ckpts.close()
     sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh)
-    sampler.step = step
+    sampler.step, sampler.tokenizer_digest = step, recorded
     return sampler
 
   def encode(self, prompt: str) -> list[int]:
@@ -211,8 +223,21 @@ class Sampler:
     row = lambda dtype, *shape: jax.ShapeDtypeStruct(
         (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
-    return {"cache": (cache, cache), "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
-            "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
+    state = {"cache": (cache, cache), "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
+             "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
+    return state | (self.speculation.abstract_state(self, B, S) if self.speculation else {})
+
+  def prefill(self, params, cache, tokens_RxP, lengths_R, slots_R) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Each prompt's last logits, and the cache with the prompts' keys and values written into rows
+    `slots_R` (ids past the last row: padding prompts, dropped)."""
+    R, P = tokens_RxP.shape
+    model = nnx.merge(self.graphdef, params)
+    segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
+    with sharding.activation_rules(self.mesh, self.rules):
+      logits, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)))
+    cache = tuple(jax.lax.with_sharding_constraint(c.at[:, slots_R, :P].set(new.astype(c.dtype), mode="drop"),
+                                                   self.cache_sharding) for c, new in zip(cache, kv))
+    return jnp.take_along_axis(logits, (lengths_R - 1)[:, None, None], axis=1)[:, 0], cache
 
   def empty_state(self, B: int, S: int) -> dict[str, Any]:
     """Every slot free (done), allocated in place with its sharding."""
@@ -224,21 +249,15 @@ class Sampler:
 
   def _insert_fn(self, params, state, tokens_RxP, lengths_R, budget_R, slots_R, key_data_R, temperature, top_k, top_p):
     """Prefills R prompts and writes them into slots `slots_R` (ids past the last slot: padding rows)."""
-    R, P = tokens_RxP.shape
-    model = nnx.merge(self.graphdef, params)
-    segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
-    with sharding.activation_rules(self.mesh, self.rules):
-      logits, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)))
-    last_RxV = jnp.take_along_axis(logits, (lengths_R - 1)[:, None, None], axis=1)[:, 0]
+    last_RxV, cache = self.prefill(params, state["cache"], tokens_RxP, lengths_R, slots_R)
     keys_R = jax.random.wrap_key_data(key_data_R)
     token, logprob = choose(jax.vmap(jax.random.fold_in)(keys_R, jnp.zeros_like(lengths_R)), last_RxV,
                             temperature, top_k, top_p, self.vocab)
     put = lambda a, x: a.at[slots_R].set(x.astype(a.dtype), mode="drop")
-    cache = tuple(jax.lax.with_sharding_constraint(c.at[:, slots_R, :P].set(new.astype(c.dtype), mode="drop"),
-                                                   self.cache_sharding) for c, new in zip(state["cache"], kv))
-    return {"cache": cache, "token": put(state["token"], token), "logprob": put(state["logprob"], logprob),
-            "pos": put(state["pos"], lengths_R), "count": put(state["count"], jnp.zeros_like(lengths_R)), "budget": put(state["budget"], budget_R),
-            "done": put(state["done"], jnp.zeros_like(lengths_R, bool)), "key": put(state["key"], key_data_R)}
+    return state | {"cache": cache, "token": put(state["token"], token), "logprob": put(state["logprob"], logprob),
+                    "pos": put(state["pos"], lengths_R), "count": put(state["count"], jnp.zeros_like(lengths_R)),
+                    "budget": put(state["budget"], budget_R), "done": put(state["done"], jnp.zeros_like(lengths_R, bool)),
+                    "key": put(state["key"], key_data_R)}
 
   def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, steps):
     """`steps` decode steps for every slot; emits each step's token, its log-probability and whether
@@ -304,7 +323,7 @@ class Sampler:
     stop_ids = jnp.asarray(stops + [-1] * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
     B = -(-batch_size // self.rows_multiple) * self.rows_multiple
     S = bucket(max(len(r.ids) + r.budget for r in waiting), self.cfg.model.max_seq_len)
-    decode = self.decode_function(B, S, chunk)
+    decode = self.speculation.decode_function(self, B, S, chunk) if self.speculation else self.decode_function(B, S, chunk)
     state = self.empty_state(B, S)
     slots: list[Slot | None] = [None] * B
     steps_in_batch = batch_steps = 0  # static: a batch runs for its longest budget
@@ -320,6 +339,8 @@ class Sampler:
       state, ids, lps, live = decode(self.params, state, *knobs.arrays(), stop_ids)
       ids, lps, live = multihost_utils.process_allgather((ids, lps, live), tiled=True)
       self.timing.decode_seconds += time.perf_counter() - start
+      if self.speculation:
+        self.speculation.tally(self.timing, live)
       steps_in_batch += chunk
       for s, slot in enumerate(slots):
         if slot is None:
@@ -345,8 +366,10 @@ class Sampler:
     key_data = np.asarray(_request_keys(knobs.seed, index, sample))
     insert = self.insert_function(B, S, R, P)
     start = time.perf_counter()
-    state = jax.block_until_ready(insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, key_data)),
-                                         *knobs.arrays()))
+    state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, key_data)), *knobs.arrays())
+    if self.speculation:
+      state = self.speculation.insert(self, state, *map(self._rows, (tokens, lengths, slots)))
+    state = jax.block_until_ready(state)
     self.timing.prefill_seconds += time.perf_counter() - start
     self.timing.prefill_tokens += int(lengths[:len(batch)].sum())
     return state

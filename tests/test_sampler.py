@@ -71,12 +71,15 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4)
 
 
+pick = jax.jit(choose, static_argnames="vocab")  # eager, every call would trace and compile its branches anew
+
+
 def naive_sample(forward, params, ids, n, key, temperature, top_p, vocab):
   """Token t drawn with key fold_in(key, t) from a full forward pass over everything before it."""
   seq = np.zeros((1, 64), np.int32)  # one shape for every prompt; causality makes the zeros inert
   seq[0, :len(ids)] = ids
   for end in range(len(ids), len(ids) + n):
-    token, _ = choose(jax.random.fold_in(key, end - len(ids))[None], forward(params, seq)[end - 1][None],
+    token, _ = pick(jax.random.fold_in(key, end - len(ids))[None], forward(params, seq)[end - 1][None],
                       jnp.float32(temperature), jnp.int32(0), jnp.float32(top_p), vocab)
     seq[0, end] = int(token[0])
   return seq[0, len(ids):len(ids) + n].tolist()
@@ -232,7 +235,8 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
   # decoder on one device.
   default = Sampler.from_workdir(run)
   assert dict(default.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-  assert default.params["blocks"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+  wq = default.params["blocks"]["wq"]
+  assert wq.sharding.shard_shape(wq.shape) == (wq.shape[0], wq.shape[1], wq.shape[2] // 2, wq.shape[3])
   sampler = Sampler.from_workdir(run, mesh_cfg=config.MeshConfig(data=2, fsdp=2, tensor=2))
   assert sampler.params["blocks"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   params = jax.tree.map(np.asarray, sampler.params)
@@ -312,3 +316,22 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
   other = sample_cli(*[a if a != "0.9" else "0.5" for a in args])
   assert other.returncode == 1
   assert other.stderr.strip().splitlines()[-1] == f"error: --output '{out}' was written with other settings (temperature: 0.9 then, 0.5 now); rerun with those or choose a new path"
+
+
+@pytest.mark.slow
+def test_cli_speculative_decoding(one_step_run):
+  """--draft DIR:STEP with the run as its own draft keeps every guess and gives plain greedy's tokens;
+  a draft trained with another tokenizer and a round of no guesses are refused in one line."""
+  from lm import speculative
+
+  done = sample_cli("--workdir", str(one_step_run), "--prompt", "def f(x):", "--max-new-tokens", "9", "--temperature", "0",
+                    "--draft", f"{one_step_run}:1", "--draft-tokens", "3")
+  assert done.returncode == 0, done.stderr
+  assert "(acceptance 100%, 4.00 tokens per target pass)" in done.stderr
+  target = Sampler.from_workdir(one_step_run)
+  assert json.loads(done.stdout)["token_ids"] == target.generate(["def f(x):"], max_new_tokens=9)[0].token_ids
+  target.tokenizer_digest = "0" * 64
+  with pytest.raises(ConfigError, match=f"^--draft '{one_step_run}' was trained with tokenizer SHA-256 [0-9a-f]{{12}}\\.\\.\\., the target with 000000000000\\.\\.\\.; a draft must share the target's tokenizer$"):
+    speculative.load_draft(target, str(one_step_run))
+  with pytest.raises(ConfigError, match="^--draft-tokens=0 must be at least 1$"):
+    speculative.speculate(target, speculative.Ngram(), 0)

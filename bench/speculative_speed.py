@@ -1,0 +1,128 @@
+"""Speculative decoding speed: python -m bench.speculative_speed [--target DIR --draft DIR]
+
+Greedy decode tokens/s at batch 1 and 8 for plain decoding, a draft run (about 1/20 of the target's
+parameters, the target's tokenizer) and prompt lookup (ngram) on code prompts that quote their
+context, with acceptance rates and the cost of one target pass of K+1 tokens relative to one of 1
+token. Without work directories it first trains both on the built-in corpus (the standard library's
+Python files) for `--train-steps` steps each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import data, speculative
+from lm.model import count_params
+from lm.sampler import Sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ["model.num_layers=8", "model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "model.d_ff=1536"]
+DRAFT = ["model.num_layers=2", "model.d_model=192", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=512"]
+
+
+def train(workdir: Path, model: list[str], steps: int, *extra: str) -> None:
+  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.yaml", "--workdir", str(workdir),
+         "--sample-prompt=", f"train.steps={steps}", f"checkpoint.every={steps}", f"eval.every={steps}",
+         "train.warmup_steps=20", "train.seq_len=128", *model, *extra]
+  subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def code_prompts(sampler: Sampler, n: int, context: int) -> list[str]:
+  """A stretch of a standard-library file, then its first lines again: the continuation quotes it."""
+  docs = data.TextFiles(data.stdlib_files())
+  tok, out, i = sampler.tokenizer, [], 0
+  while len(out) < n:
+    ids = tok.encode(docs[i * 7])
+    i += 1
+    if len(ids) >= context:
+      text = tok.decode(ids[:context])
+      out.append(text + "\n\n" + "\n".join(text.splitlines()[:2]))
+  return out
+
+
+def prose_prompts(sampler: Sampler, n: int, context: int) -> list[str]:
+  docs = data.TextFiles(data.stdlib_files())
+  return [sampler.tokenizer.decode(sampler.tokenizer.encode(docs[i * 11 + 3])[:context]) for i in range(n)]
+
+
+def pass_cost(sampler: Sampler, rows: int, T: int, S: int, repeats: int = 20) -> float:
+  """Seconds of one target decode call of T new tokens per row against a cache of S slots."""
+  cache = sampler.empty_state(rows, S)["cache"]
+
+  @jax.jit
+  def decode(params, cache):
+    model = nnx.merge(sampler.graphdef, params)
+    positions = jnp.broadcast_to(S // 2 + jnp.arange(T), (rows, T))
+    visible = jnp.arange(S)[None, None] <= positions[..., None]
+    return model.decode(jnp.zeros((rows, T), jnp.int32), positions, cache, jnp.full((rows,), S // 2), visible)
+
+  jax.block_until_ready(decode(sampler.params, cache))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(decode(sampler.params, cache))
+  return (time.perf_counter() - start) / repeats
+
+
+def rate(sampler: Sampler, prompts: list[str], rows: int, new_tokens: int) -> tuple[float, float, float]:
+  """Kept tokens/s, acceptance and tokens per target pass of a second, compiled run."""
+  kw = dict(max_new_tokens=new_tokens, batch_size=rows, chunk=8)
+  sampler.generate(prompts[:rows], **kw)
+  sampler.timing = type(sampler.timing)()
+  sampler.generate(prompts[:rows], **kw)
+  t = sampler.timing
+  passes = max(t.target_passes, 1)
+  return t.decode_tokens / t.decode_seconds, t.accepted / max(t.proposed, 1), (t.target_passes + t.accepted) / passes
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--target", help="the target run's work directory (default: train one)")
+  parser.add_argument("--draft", help="the draft run's work directory, same tokenizer (default: train one)")
+  parser.add_argument("--train-steps", type=int, default=300)
+  parser.add_argument("--draft-tokens", type=int, default=4)
+  parser.add_argument("--new-tokens", type=int, default=96)
+  parser.add_argument("--prompt-tokens", type=int, default=96)
+  args = parser.parse_args()
+  with tempfile.TemporaryDirectory() as tmp:
+    target_dir, draft_dir = Path(args.target or f"{tmp}/target"), Path(args.draft or f"{tmp}/draft")
+    if not args.target:
+      train(target_dir, TARGET, args.train_steps)
+    if not args.draft:
+      train(draft_dir, DRAFT, args.train_steps, f"tokenizer.path={target_dir / 'tokenizer.model'}")
+    target = Sampler.from_workdir(target_dir)
+    draft = speculative.load_draft(target, str(draft_dir))
+  K = args.draft_tokens
+  S = target.cfg.model.max_seq_len
+  print(f"target {count_params(target.cfg.model) / 1e6:.1f}M parameters, draft {count_params(draft.draft.cfg.model) / 1e6:.2f}M; "
+        f"K={K} guesses per round; prompts {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy; "
+        f"device: {jax.devices()[0].device_kind}\n")
+  print("| batch | decoding | prompts | tokens/s | speed-up | acceptance | tokens per target pass |")
+  print("|---|---|---|---|---|---|---|")
+  code, prose = code_prompts(target, 8, args.prompt_tokens), prose_prompts(target, 8, args.prompt_tokens)
+  costs = {}
+  for rows in (1, 8):
+    plain = Sampler(target.cfg, target.params, target.tokenizer, target.mesh)
+    for name, prompts in (("prose", prose), ("code", code)):
+      base, _, _ = rate(plain, prompts, rows, args.new_tokens)
+      print(f"| {rows} | plain | {name} | {base:,.1f} | 1.00x | | 1.00 |")
+      for label, proposer in (("draft", draft), ("ngram", speculative.Ngram())):
+        spec = Sampler(target.cfg, target.params, target.tokenizer, target.mesh)
+        speculative.speculate(spec, proposer, K)
+        tps, acceptance, per_pass = rate(spec, prompts, rows, args.new_tokens)
+        print(f"| {rows} | {label} | {name} | {tps:,.1f} | {tps / base:.2f}x | {acceptance:.0%} | {per_pass:.2f} |")
+    costs[rows] = pass_cost(target, rows, K + 1, S) / pass_cost(target, rows, 1, S)
+  print("\ncost of one target pass of K+1 tokens relative to one of 1 token: "
+        + ", ".join(f"batch {rows}: {c:.2f}x" for rows, c in costs.items()))
+
+
+if __name__ == "__main__":
+  main()

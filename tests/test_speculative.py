@@ -1,0 +1,97 @@
+"""Speculative decoding against the plain engine (greedy) and an exact enumeration (sampled)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm import config, sharding, speculative
+from lm.model import Transformer
+from lm.sampler import Knobs, Request, Sampler
+from tests.conftest import tiny_overrides
+from tests.test_sampler import JOB, make_sampler
+
+
+def smaller_draft(target: Sampler) -> Sampler:
+  """One layer where the target has two: the target's first block, embedding and head, so it agrees
+  with the target often but not always."""
+  cfg = config.load(None, tiny_overrides(**{"model.vocab_size": target.cfg.model.vocab_size, "model.num_layers": 1})
+                    + ["mesh.data=1", "mesh.fsdp=1"])
+  params = jax.tree.map(lambda x: x, target.params)
+  params["blocks"] = jax.tree.map(lambda x: x[:1], params["blocks"])
+  return Sampler(cfg, params, target.tokenizer, target.mesh)
+
+
+def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
+  """A smaller draft, the target as its own draft (every guess kept) and prompt lookup; rows stop at
+  different points, more prompts than slots, several rounds per chunk."""
+  target = make_sampler(tokenizer)
+  n = 20
+  requests = lambda: target.requests(JOB, 1, n)
+  plain = sorted(target.run(requests(), Knobs(), batch_size=3, chunk=5), key=lambda c: c.index)
+  stops = sorted({plain[0].token_ids[5], plain[1].token_ids[9], tokenizer.eos_id})
+  want = sorted(target.run(requests(), Knobs(), batch_size=3, chunk=5, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
+  assert len({len(c.token_ids) for c in want}) > 2
+  rates = {}
+  for name, proposer, k in [("smaller", speculative.Draft(smaller_draft(target)), 3),
+                            ("itself", speculative.Draft(target), 4), ("ngram", speculative.Ngram(), 3)]:
+    spec = Sampler(target.cfg, target.params, tokenizer, target.mesh)
+    speculative.speculate(spec, proposer, k)
+    got = sorted(spec.run(requests(), Knobs(), batch_size=3, chunk=2, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
+    assert [(c.token_ids, c.finish_reason) for c in got] == [(c.token_ids, c.finish_reason) for c in want], name
+    np.testing.assert_allclose(sum((c.logprobs for c in got), []), sum((c.logprobs for c in want), []), atol=1e-4)
+    assert spec.timing.decode_tokens == sum(len(c.token_ids) for c in want)
+    rates[name] = spec.timing.accepted / spec.timing.proposed
+  assert rates["itself"] == 1.0
+  assert 0 < rates["smaller"] < 1 and 0 < rates["ngram"] < 1, rates  # kept and rejected guesses both seen
+
+
+def tiny_vocab_model(seed: int, layers: int) -> Sampler:
+  cfg = config.load(None, tiny_overrides(**{"model.vocab_size": 4, "model.num_layers": layers, "model.init_std": 0.2})
+                    + ["mesh.data=1", "mesh.fsdp=1"])
+  params = nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(seed))))
+  return Sampler(cfg, params, None, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+
+
+def exact_first_three(target: Sampler, prompt: list[int], temperature: float, top_k: int) -> np.ndarray:
+  """P(t1, t2, t3) from full forward passes over every continuation, with numpy's filter."""
+  model = nnx.merge(target.graphdef, target.params)
+  V = target.cfg.model.vocab_size
+
+  def next_probs(seq):
+    logits = np.asarray(model(jnp.asarray([seq]))[0, -1], np.float64) / temperature
+    logits[np.argsort(-logits)[top_k:]] = -np.inf
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+  joint = np.zeros((V, V, V))
+  p1 = next_probs(prompt)
+  for a, b in itertools.product(range(V), range(V)):
+    joint[a, b] = p1[a] * next_probs(prompt + [a])[b] * next_probs(prompt + [a, b])
+  return joint
+
+
+def empirical_first_three(sampler: Sampler, prompt: list[int], n: int, knobs: Knobs) -> np.ndarray:
+  V = sampler.cfg.model.vocab_size
+  counts = np.zeros((V, V, V))
+  for c in sampler.run([Request(0, j, "", prompt, 3) for j in range(n)], knobs, batch_size=512, chunk=3):
+    counts[tuple(c.token_ids)] += 1
+  return counts / n
+
+
+def test_sampled_speculation_keeps_the_target_distribution(monkeypatch):
+  """Tokens 2 and 3 come from a round of K=2 guesses by a different, smaller model: kept by the rule,
+  redrawn from the residual, or drawn after all were kept. Always accepting gives the draft's tokens."""
+  target, draft = tiny_vocab_model(0, 2), tiny_vocab_model(1, 1)
+  prompt, knobs = [1, 2, 3, 0, 2], Knobs(temperature=0.8, top_k=3, seed=0)
+  want = exact_first_three(target, prompt, 0.8, 3)
+  tv = {}
+  for rule in ("speculative", "always accept"):
+    if rule == "always accept":
+      monkeypatch.setattr(speculative, "accepts", lambda u, p, q: jnp.ones_like(u, bool))
+    spec = Sampler(target.cfg, target.params, None, target.mesh)
+    speculative.speculate(spec, speculative.Draft(draft), 2)
+    tv[rule] = 0.5 * np.abs(empirical_first_three(spec, prompt, 4096, knobs) - want).sum()
+  assert tv["speculative"] < 0.06 and tv["always accept"] > 0.15, tv
