@@ -1,11 +1,12 @@
 """Compile the real training step for a TPU topology ahead of time, with no TPU present:
-python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW] [key=value ...]
+python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW [--quantize int8]] [key=value ...]
 
 Prints, per chip, the memory XLA's analysis gives (parameters, optimizer state, activations and
 temporaries), whether it fits the chip's HBM, XLA's FLOP count and estimated step time, and the
 tokens per second per chip and MFU they imply. With --sample it also compiles the sampler (prefill,
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
-its memory per chip. Exits 1 when either does not fit.
+its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them).
+Exits 1 when either does not fit.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--topology", required=True, help="v4-N, v5e-N, v5p-N or v6e-N")
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--sample", metavar="ROWS,PROMPT,NEW", help="also compile the sampler for this batch")
+  parser.add_argument("--quantize", metavar="int8", help="the sampler's weights: weight-only int8")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -63,14 +65,19 @@ def main(argv: list[str] | None = None) -> int:
   except ImportError:
     print("error: launch.aot needs libtpu: pip install -e '.[tpu]'", file=sys.stderr)
     return 1
+  from lm.quantize import check as check_quantize  # after JAX_PLATFORMS is set
+
   try:
     cfg = config.load(args.config, args.overrides)
     family, dims = topology_shape(args.topology)
     sample = sample_shape(args.sample) if args.sample else None
+    if args.quantize and not sample:
+      raise ConfigError("--quantize applies to the sampler: add --sample ROWS,PROMPT,NEW")
+    check_quantize(args.quantize)
     if cfg.model.vocab_size == 0:
       raise ConfigError("model.vocab_size is 0; set it (the tokenizer is not loaded here)")
     mesh = topology_mesh(cfg, family, dims, args.slices)
-    reports = [compile_step(cfg, mesh, family, args.slices)] + ([compile_sampler(cfg, mesh, family, *sample)] if sample else [])
+    reports = [compile_step(cfg, mesh, family, args.slices)] + ([compile_sampler(cfg, mesh, family, *sample, args.quantize)] if sample else [])
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -168,7 +175,8 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   return {"rows": rows, "fits": fits}
 
 
-def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len: int, new_tokens: int) -> dict:
+def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len: int, new_tokens: int,
+                    quantize: str | None = None) -> dict:
   """The sampler's prefill and decode scan, with parameters sharded as `lm-sample` restores them."""
   import jax
   import jax.numpy as jnp
@@ -191,19 +199,25 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
       shape, dtype, sharding=sharding.named(mesh, ("batch",) + (None,) * (len(shape) - 1), rules))
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
   key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
-  args = (params, per_row(rows, prompt_len), per_row(rows), per_row(rows, key_words, dtype=jnp.uint32),
+  sampler = Sampler(cfg, params, None, mesh, quantize)
+  args = (sampler.params, per_row(rows, prompt_len), per_row(rows), per_row(rows, key_words, dtype=jnp.uint32),
           scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
-  sampler = Sampler(cfg, params, None, mesh)
   prefill, decode = sampler.compiled_functions(rows, prompt_len, new_tokens, args)
   cache = 2 * cfg.model.num_layers * rows * (prompt_len + new_tokens) * cfg.model.num_kv_heads * head_dim(cfg.model)
   cache_shards = math.prod(sharding.shards(mesh, entry) for entry in sampler.cache_sharding.spec)
   memory, fits = memory_rows(decode, hbm)
+  cost = decode.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  seconds = float(cost.get("optimal_seconds", float("nan")))
   return {"rows": [
       ("sampling", f"{rows} rows x ({prompt_len} prompt + {new_tokens} new) tokens"),
       attention_row(prefill),
-      ("parameters per chip", size(per_chip(params))),
+      ("parameters per chip", size(per_chip(sampler.params)) + (f" ({quantize} weights)" if quantize else "")),
       ("KV cache per chip", size(cache * jnp.dtype(cfg.model.dtype).itemsize / cache_shards)),
       *[(f"decode {label}", value) for label, value in memory],
+      # As for the step: XLA counts the bodies of the scans (decode steps, layers) once each.
+      ("decode XLA bytes accessed", f"{size(float(cost.get('bytes accessed', float('nan'))))} (scan bodies counted once)"),
+      ("decode XLA estimated time", f"{seconds * 1e6:.1f} us (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
   ], "fits": fits}
 
 if __name__ == "__main__":

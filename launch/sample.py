@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
                       help="also stop at this token id (repeatable; end-of-sequence always stops)")
   parser.add_argument("--output", help="write JSON lines here instead of standard output")
+  parser.add_argument("--quantize", metavar="int8", help="weight-only int8, computed from the checkpoint at load")
   args = parser.parse_args(argv)
   from absl import logging
 
   import jax
 
   from lm import distributed
+  from lm.quantize import check as check_quantize
   from lm.sampler import Sampler, check_sampling  # after argument parsing, so --help needs no jax
 
   logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
@@ -63,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
   try:
     distributed.initialize()
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    check_quantize(args.quantize)
     if args.output and Path(args.output).exists():
       raise ConfigError(f"--output '{args.output}' already exists; choose a new path")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    sampler = Sampler.from_workdir(args.workdir, args.step)
+    sampler = Sampler.from_workdir(args.workdir, args.step, quantize=args.quantize)
     completions = sampler.generate(
         prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,

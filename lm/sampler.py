@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from lm import config, sharding
 from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
+from lm.quantize import quantized
 from lm.tokenizer import Tokenizer
 from lm.train import abstract_model, param_shardings
 
@@ -73,18 +74,21 @@ def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top
 
 
 class Sampler:
-  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer, mesh: Mesh):
+  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer, mesh: Mesh, quantize: str | None = None):
+    """`quantize="int8"`: int8 weights computed from `params` (lm.quantize); they replace them."""
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
     self.graphdef, _ = abstract_model(cfg.model)
     self.rules = cfg.mesh.rules
+    if quantize:
+      self.graphdef, self.params = quantized(params, cfg.model, mesh, self.rules, quantize)
     self.rows_multiple = sharding.data_parallel_size(mesh, self.rules)
     self.cache_sharding = sharding.named(mesh, ("layers", "batch", None, "kv_heads", None), self.rules)
     self.compiled: dict[tuple[int, int, int], tuple[Any, Any]] = {}
     self.timing = Timing()
 
   @classmethod
-  def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None
-                   ) -> "Sampler":
+  def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
+                   quantize: str | None = None) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
     mesh it was trained on. The default mesh shards parameters over all devices (`fsdp`)."""
     workdir = Path(workdir)
@@ -100,7 +104,7 @@ class Sampler:
                            nnx.to_pure_dict(abstract), shardings)
     params = ckpts.restore_params(step, targets)
     ckpts.close()
-    return cls(cfg, params, Tokenizer(run_tokenizer(workdir, meta)), mesh)
+    return cls(cfg, params, Tokenizer(run_tokenizer(workdir, meta)), mesh, quantize)
 
   def encode(self, prompt: str) -> list[int]:
     bos = self.tokenizer.bos_id
