@@ -61,7 +61,7 @@ def aot_total(out: str, label: str = "total per chip") -> float:
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
   small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")
-  large = launch("aot", *base, "train.batch_size=64")
+  large = launch("aot", *base, "train.batch_size=64", "--sample", "4,128,128", "--quantize", "int8")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
@@ -73,6 +73,11 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   cache = 2 * m.num_layers * 4 * 256 * m.num_kv_heads * (m.d_model // m.num_heads) * 4 / 4
   assert aot_total(small.stdout, "KV cache per chip") == pytest.approx(cache, rel=0.01)
   assert aot_total(small.stdout, "decode total per chip") > cache
+  # int8 weights: at most 0.55x a bfloat16 copy of the float32 parameters the plain sampler holds
+  sampler_params = lambda out: aot_total(out[out.index("\nsampling"):], "parameters per chip")
+  assert sampler_params(large.stdout) <= 0.55 * sampler_params(small.stdout) / 2
+  args = lambda out: aot_total(out, r"decode arguments per chip \(XLA\)")
+  assert args(large.stdout) < args(small.stdout)
 
 
 def test_aot_errors(tmp_path):
@@ -82,6 +87,9 @@ def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: --sample '4,128' is not ROWS,PROMPT,NEW with three positive numbers (for example 16,1024,1024)"
+  out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128,128", "--quantize", "int4")
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: --quantize 'int4' is not one of: int8"
   (tmp_path / "libtpu.py").write_text("raise ImportError('not installed')\n")
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", env={"PYTHONPATH": str(tmp_path)})
   assert out.returncode == 1
