@@ -29,7 +29,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 def dense(x: jax.Array, w: jax.Array | qwix.QArray, n_in: int = 1) -> jax.Array:
   """Contracts the last `n_in` axes of x with the first `n_in` axes of w (cast to x's dtype) as one
   2-D matmul: XLA's CPU backend runs N-D dots about half as fast, and other backends do not mind.
-  An int8 w (lm.quantize) goes to qwix, which applies its scales inside the matmul."""
+  An int8 w (lm.quantize) goes to `qwix.dot`, which rescales it to x's dtype for the matmul."""
   lead, outs = x.shape[: x.ndim - n_in], w.shape[n_in:]
   k = math.prod(w.shape[:n_in])
   matmul = qwix.dot if isinstance(w, qwix.QArray) else jnp.dot

@@ -1,7 +1,7 @@
 """Weight-only int8 for sampling: every matrix (the projections and the embedding table) becomes a
 `qwix.QArray` of int8 values with one scale per output channel, computed from the float parameters
 when they are loaded. Activations, the key/value cache and the softmax keep the compute dtype:
-`lm.model.dense` hands a QArray to `qwix.dot`, which scales it back inside the matmul."""
+`lm.model.dense` hands a QArray to `qwix.dot`, which rescales it to the compute dtype for the matmul."""
 
 from __future__ import annotations
 
