@@ -25,8 +25,8 @@ from flax import nnx
 
 from lm import config, data
 from lm.convert import hf_config, write_tensors
+from lm.params import abstract_model
 from lm.tokenizer import Tokenizer, train as train_tokenizer
-from lm.train import abstract_model
 
 MEASURE = """
 import sys

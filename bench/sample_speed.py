@@ -18,9 +18,9 @@ from flax import nnx
 
 from lm import config, data, sharding
 from lm.model import Transformer, count_params
+from lm.params import abstract_model
 from lm.sampler import Sampler
 from lm.tokenizer import train as train_tokenizer
-from lm.train import abstract_model
 
 MODEL = ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.num_kv_heads=6", "model.d_ff=1536",
          "model.max_seq_len=512", "model.dtype=float32", "mesh.data=1"]

@@ -184,8 +184,8 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from lm import sharding
+  from lm.params import abstract_model, param_shardings
   from lm.sampler import Sampler
-  from lm.train import abstract_model, param_shardings
 
   hbm = CHIPS[family][0]
   rules = cfg.mesh.rules

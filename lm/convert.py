@@ -25,8 +25,9 @@ from safetensors.numpy import save_file
 from lm import config, data
 from lm.checkpoint import Checkpoints, open_run, run_meta, run_tokenizer
 from lm.config import Config, ConfigError, ModelConfig, head_dim
+from lm.params import abstract_model
 from lm.tokenizer import Tokenizer
-from lm.train import TrainState, abstract_model, decay_mask, optimizer
+from lm.train import TrainState, decay_mask, optimizer
 
 FAMILIES = ("llama", "mistral")  # the model types whose every setting we can check and represent
 SHARD_BYTES = 2 << 30  # per exported file: each is built whole in memory before it is written

@@ -9,7 +9,7 @@ import itertools
 import math
 import shutil
 import signal
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +17,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm import config, data, distributed, flops, metrics, sharding
-from lm.checkpoint import Checkpoints, UnreadableCheckpoint, open_run, run_meta, run_tokenizer
+from lm import config, data, distributed, flops, metrics, resume, sharding
+from lm.checkpoint import Checkpoints, run_meta, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.tokenizer import Tokenizer, train as train_tokenizer
 from lm.train import Steps, TrainState
 
-# Settings that may change when a run resumes: schedule, cadences, precision, remat, the attention
-# kernel and the mesh.
-SAFE_CHANGES = ("train.steps", "train.learning_rate", "train.warmup_steps", "train.min_lr_ratio",
-                "train.weight_decay", "train.b1", "train.b2", "train.clip_norm", "train.z_loss",
-                "train.grad_accum", "model.dtype", "model.remat", "model.attention", "eval.", "checkpoint.", "log.", "mesh.")
-
 
 class TrainingError(RuntimeError):
   """Training cannot go on; the message is one line meant for the user."""
-
-
-def config_changes(saved: dict[str, Any], cfg: Config, keys: tuple[str, ...] | None = None) -> list[str]:
-  """`key: old -> new` for every setting that differs (only those starting with `keys`, if given)."""
-  old, new = config.flatten(saved), config.flatten(config.to_dict(cfg))
-  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k) and (keys is None or k.startswith(keys))]
-
-
-def model_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
-  return [c for c in config_changes(saved, cfg, ("model.",)) if not c.startswith(SAFE_CHANGES)]
 
 
 def prepare_workdir(path: str | Path) -> Path:
@@ -78,33 +61,6 @@ def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
     cfg.model.vocab_size = tokenizer.vocab_size
   elif cfg.model.vocab_size != tokenizer.vocab_size:
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} differs from the tokenizer's {tokenizer.vocab_size} ({tokenizer.path}); set it to 0 or {tokenizer.vocab_size}")
-
-
-def parse_init_from(spec: str) -> tuple[Path, int | None]:
-  """`OTHER_WORKDIR[:STEP]`."""
-  path, sep, step = spec.rpartition(":")
-  if sep and step.isdigit():
-    return Path(path), int(step)
-  return Path(spec), None
-
-
-def init_from_run(spec: str) -> tuple[Checkpoints, int, dict[str, Any]]:
-  """The other run's checkpoints, the chosen step and its description."""
-  try:
-    return open_run(*parse_init_from(spec))
-  except ConfigError as e:
-    raise ConfigError(f"--init-from {spec}: {e}") from None
-
-
-def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], workdir: Path, step: int) -> None:
-  """Fails, before anything is loaded, where the checkpoint cannot continue under this config."""
-  where = f"cannot resume {workdir} from step {step}"
-  if unsafe := [c for c in config_changes(saved["config"], cfg) if not c.startswith(SAFE_CHANGES)]:
-    raise ConfigError(f"{where}: {'; '.join(unsafe)} differ from its checkpoint; use a new --workdir (or --init-from {workdir})")
-  if saved["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
-    raise ConfigError(f"{where}: tokenizer {meta['tokenizer']['path']} is not the one it was trained with ({saved['tokenizer']['path']})")
-  if saved["process_count"] != meta["process_count"]:
-    raise ConfigError(f"{where}: it was saved by {saved['process_count']} processes, this run has {meta['process_count']}")
 
 
 def evaluate(steps: Steps, state: TrainState, val_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -151,6 +107,79 @@ class StopRequest:
       signal.signal(s, handler)
 
 
+class StepLog:
+  """Checks every step's loss and writes every `log.every`-th step's metrics, with the throughput since the last."""
+
+  def __init__(self, cfg: Config, writer: metrics.MetricsWriter, start: int, peak: float):
+    self.every, self.last = cfg.log.every, cfg.train.steps
+    self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    self.flops_per_step = flops.flops_per_token(cfg.model, cfg.train.seq_len) * self.tokens_per_step
+    self.writer, self.peak = writer, peak
+    self.clock = metrics.StepClock(start)
+
+  def __call__(self, done: int, step_metrics: dict[str, jax.Array]) -> None:
+    """Called once the next step is already queued, so reading the loss does not stall the device."""
+    loss = float(step_metrics["loss"])
+    if not math.isfinite(loss):
+      raise TrainingError(f"loss became {loss} at step {done}; training stopped, nothing more was saved")
+    if done % self.every and done != self.last:
+      return
+    m = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "tokens"}
+    steps_done, elapsed = self.clock.lap(done)
+    m["tokens_per_sec"] = steps_done * self.tokens_per_step / elapsed
+    m["mfu"] = steps_done * self.flops_per_step / elapsed / self.peak
+    self.writer.write(done, m)
+    self.clock.skip()
+
+
+class Saves:
+  """Asynchronous checkpoint saves: a failed save surfaces, as one line, when the next starts or at close."""
+
+  def __init__(self, ckpts: Checkpoints, meta: dict[str, Any]):
+    self.ckpts, self.meta, self.asked = ckpts, meta, 0
+
+  def save(self, step: int, state: TrainState, data_iter: Any) -> None:
+    try:
+      self.ckpts.save(step, state, data_iter, self.meta)
+    except Exception as e:
+      raise self._failed(self.asked or step, e) from None
+    self.asked = step
+
+  def close(self) -> None:
+    """Waits for the save in flight."""
+    try:
+      self.ckpts.close()
+    except Exception as e:
+      raise self._failed(self.asked, e) from None
+
+  @staticmethod
+  def _failed(step: int, e: Exception) -> TrainingError:
+    return TrainingError(f"checkpoint save at step {step} failed: {' '.join(str(e).split())}")
+
+
+def start_state(steps: Steps, ckpts: Checkpoints, source: tuple[Checkpoints, int, dict[str, Any]] | None,
+                init_from: str | None, cfg: Config, meta: dict[str, Any], workdir: Path, data_iter: Any,
+                say: Callable[[str], None]) -> TrainState:
+  """This run's newest readable checkpoint, else the --init-from run's parameters, else a fresh init."""
+  abstract = steps.abstract_state()
+  state = resume.restore_newest(ckpts, cfg, meta, workdir, abstract, data_iter, say)
+  if state is None and source is not None:
+    other, step, _ = source
+    state = steps.state_from_params(other.restore_params(step, abstract.params))
+    other.close()
+    say(f"initialized parameters from {init_from} (step {step}); fresh optimizer at step 0")
+  return state if state is not None else steps.init_state(cfg.train.seed)
+
+
+def validation_batches(cfg: Config, val_docs: Any, tokenizer: Tokenizer, stream: dict[str, int]) -> list[dict[str, np.ndarray]]:
+  if val_docs is None or cfg.eval.steps == 0:
+    return []
+  val_iter = iter(data.batches(val_docs, tokenizer, seed=0, **stream))
+  batches = list(itertools.islice(val_iter, cfg.eval.steps))
+  val_iter.close()
+  return batches
+
+
 def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> TrainState:
   workdir = prepare_workdir(workdir)
   lead = jax.process_index() == 0
@@ -162,15 +191,13 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
     raise ConfigError(f"train.batch_size/train.grad_accum={t.batch_size // t.grad_accum} is not divisible by the data-parallel size {dp}")
 
   ckpts = Checkpoints(workdir / "checkpoints", cfg.checkpoint)
-  source = None
-  if init_from and not ckpts.steps():
-    source = init_from_run(init_from)
+  source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
   train_docs, val_docs = data.split(cfg.data)
-  inherited = run_tokenizer(parse_init_from(init_from)[0], source[2]) if source else None
+  inherited = run_tokenizer(resume.parse_init_from(init_from)[0], source[2]) if source else None
   tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited)
   resolve_vocab(cfg, tokenizer)
   distributed.check_same_config(config.to_dict(cfg))
-  if source is not None and (changes := model_changes(source[2]["config"], cfg)):
+  if source is not None and (changes := resume.model_changes(source[2]["config"], cfg)):
     raise ConfigError(f"--init-from {init_from}: the model differs from that run's ({'; '.join(changes)})")
   if lead:
     config.save(cfg, workdir / "config.yaml")
@@ -180,100 +207,49 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=cfg.data.shuffle_window, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
-  say = writer.say
-
-  state = None
-  for step in reversed(ckpts.steps()):
-    try:
-      saved = ckpts.meta(step)
-      check_resumable(saved, cfg, meta, workdir, step)
-      state = ckpts.restore(step, steps.abstract_state(), train_iter)
-    except UnreadableCheckpoint as e:
-      moved = ckpts.set_aside(step) if lead else None
-      multihost_utils.sync_global_devices("unreadable checkpoint set aside")
-      say(f"{e}; moved it to {moved}; trying the previous checkpoint")
-      continue
-    if changes := config_changes(saved["config"], cfg):
-      say(f"resuming with changed settings: {'; '.join(changes)}")
-    say(f"resumed from step {step}")
-    break
-  if state is None and source is not None:
-    other, step, _ = source
-    state = steps.state_from_params(other.restore_params(step, steps.abstract_state().params))
-    other.close()
-    say(f"initialized parameters from {init_from} (step {step}); fresh optimizer at step 0")
-  if state is None:
-    state = steps.init_state(t.seed)
-
+  state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say)
   start = int(state.step)
   if lead:
     roll_back_metrics(workdir, start)
-  val_batches = []
-  if val_docs is not None and cfg.eval.steps > 0:
-    val_iter = iter(data.batches(val_docs, tokenizer, seed=0, **stream))
-    val_batches = list(itertools.islice(val_iter, cfg.eval.steps))
-    val_iter.close()
-
-  flops_per_step = flops.flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len
-  peak = flops.peak_flops(mesh.devices.flatten().tolist())
-  say(f"model {flops.count_params(cfg.model) / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
-      f"vocab {tokenizer.vocab_size} | {t.batch_size}x{t.seq_len} tokens per step | step {start} of {t.steps}")
-  clock = [time.perf_counter(), start]  # time and step of the last logged line
-
-  def finish(done: int, step_metrics: dict[str, jax.Array]) -> None:
-    """Checks and logs a step's metrics; called once the next step is already queued."""
-    loss = float(step_metrics["loss"])
-    if not math.isfinite(loss):
-      raise TrainingError(f"loss became {loss} at step {done}; training stopped, nothing more was saved")
-    if done % cfg.log.every and done != t.steps:
-      return
-    elapsed, steps_done = time.perf_counter() - clock[0], done - clock[1]
-    m = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "tokens"}
-    m["tokens_per_sec"] = steps_done * t.batch_size * t.seq_len / elapsed
-    m["mfu"] = steps_done * flops_per_step / elapsed / peak
-    writer.write(done, m)
-    clock[:] = [time.perf_counter(), done]
-
-  saving = [0]  # the step of the newest save asked for; its errors surface when the next one starts
-
-  def save(done: int) -> None:
-    try:
-      ckpts.save(done, state, train_iter, meta)
-      saving[0] = done
-    except Exception as e:
-      raise TrainingError(f"checkpoint save at step {saving[0] or done} failed: {' '.join(str(e).split())}") from None
-
-  stop = StopRequest()
+  val_batches = validation_batches(cfg, val_docs, tokenizer, stream)
+  writer.say(f"model {flops.count_params(cfg.model) / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
+             f"vocab {tokenizer.vocab_size} | {t.batch_size}x{t.seq_len} tokens per step | step {start} of {t.steps}")
+  log = StepLog(cfg, writer, start, flops.peak_flops(mesh.devices.flatten().tolist()))
+  saves, stop = Saves(ckpts, meta), StopRequest()
   try:
-    pending = None
-    for step in range(start, t.steps):
-      state, step_metrics = steps.train_step(state, steps.shard_batch(next(train_iter)))
-      if pending is not None:
-        finish(*pending)
-      done = step + 1
-      pending = (done, step_metrics)
-      last, stopping = done == t.steps, stop.agreed()
-      evaluate_now = bool(val_batches) and (done % cfg.eval.every == 0 or last)
-      save_now = done % cfg.checkpoint.every == 0 or last or stopping
-      if evaluate_now or save_now:
-        finish(*pending)  # a NaN stops here, before anything is saved
-        pending = None
-        if save_now:
-          save(done)
-        if evaluate_now:
-          writer.write(done, evaluate(steps, state, val_batches))
-        clock[0] = time.perf_counter()
-      if stopping:
-        say(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} at step {done}; checkpoint saved")
-        break
+    state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop)
   finally:
     stop.restore()
     train_iter.close()
     writer.close()
-    try:
-      ckpts.close()  # waits for the save in flight
-    except Exception as e:
-      raise TrainingError(f"checkpoint save at step {saving[0]} failed: {' '.join(str(e).split())}") from None
+    saves.close()
   if lead:
     metrics.plot(workdir)
+  return state
+
+
+def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_batches: list[dict[str, np.ndarray]],
+          log: StepLog, saves: Saves, stop: StopRequest) -> TrainState:
+  """Steps until `train.steps` or a stop request; each step's metrics are read while the next one runs."""
+  pending = None
+  for step in range(int(state.step), cfg.train.steps):
+    state, step_metrics = steps.train_step(state, steps.shard_batch(next(train_iter)))
+    if pending is not None:
+      log(*pending)
+    done = step + 1
+    pending = (done, step_metrics)
+    last, stopping = done == cfg.train.steps, stop.agreed()
+    evaluate_now = bool(val_batches) and (done % cfg.eval.every == 0 or last)
+    save_now = done % cfg.checkpoint.every == 0 or last or stopping
+    if evaluate_now or save_now:
+      log(*pending)  # a NaN stops here, before anything is saved
+      pending = None
+      if save_now:
+        saves.save(done, state, train_iter)
+      if evaluate_now:
+        log.writer.write(done, evaluate(steps, state, val_batches))
+      log.clock.skip()
+    if stopping:
+      log.writer.say(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} at step {done}; checkpoint saved")
+      break
   return state

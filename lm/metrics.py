@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,24 @@ class MetricsWriter:
       self.bar.close()
     if self.tb is not None:
       self.tb.close()
+
+
+class StepClock:
+  """Steps and seconds between logged lines."""
+
+  def __init__(self, step: int):
+    self.since, self.step = time.perf_counter(), step
+
+  def lap(self, step: int) -> tuple[int, float]:
+    """Steps and seconds since the last lap, which starts the next."""
+    now = time.perf_counter()
+    steps, seconds = step - self.step, now - self.since
+    self.since, self.step = now, step
+    return steps, seconds
+
+  def skip(self) -> None:
+    """Leaves the time until now out of the next lap."""
+    self.since = time.perf_counter()
 
 
 def row_step(line: str) -> int:

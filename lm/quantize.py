@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from lm import sharding
 from lm.config import ConfigError, ModelConfig
 from lm.model import Transformer
-from lm.train import abstract_model
+from lm.params import abstract_model
 
 MODES = ("int8",)
 # The axes each matrix contracts where the model reads it; every other axis (the layer axis included)

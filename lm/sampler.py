@@ -23,9 +23,9 @@ from jax.sharding import Mesh
 from lm import config, sharding
 from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
+from lm.params import abstract_model, param_shardings
 from lm.quantize import quantized
 from lm.tokenizer import Tokenizer
-from lm.train import abstract_model, param_shardings
 
 MIN_BUCKET = 16
 MAX_STOP_TOKENS = 8  # stop ids are padded to this many (with -1, never a token), so one compile serves all

@@ -12,8 +12,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lm import sharding
-from lm.config import Config, ModelConfig, TrainConfig
+from lm.config import Config, TrainConfig
 from lm.model import Transformer
+from lm.params import abstract_model, logical_axes, param_shardings
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: all [B, L] int32
 
@@ -25,24 +26,9 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """Graph definition and shape-only state; the state's Params carry their logical axes."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-
-
-def _logical_axes(abstract: nnx.State) -> dict[str, Any]:
-  return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["axes"], abstract,
-                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
-
-
-def param_shardings(abstract: nnx.State, mesh: Mesh, rules: dict[str, list[str]]) -> dict[str, Any]:
-  return jax.tree.map(lambda axes: sharding.named(mesh, axes, rules), _logical_axes(abstract),
-                      is_leaf=lambda x: isinstance(x, tuple))
-
-
 def decay_mask(abstract: nnx.State) -> dict[str, Any]:
   """Weight decay applies to matrices only, not to norm scales (a per-layer stack is still a vector)."""
-  return jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2, _logical_axes(abstract),
+  return jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2, logical_axes(abstract),
                       is_leaf=lambda x: isinstance(x, tuple))
 
 

@@ -21,7 +21,8 @@ from lm.config import ConfigError
 from lm.convert import from_hf, to_hf, write_run
 from lm.sampler import Sampler
 from lm.tokenizer import Tokenizer
-from lm.train import Steps, abstract_model
+from lm.params import abstract_model
+from lm.train import Steps
 from tests.conftest import run_trainer, tiny_overrides
 
 FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from launch.sample import main as sample_main
 from lm import config, data, sharding
 from lm.config import ConfigError
 from lm.model import Transformer
+from lm.params import abstract_model, param_shardings
 from lm.quantize import quantized
 from lm.sampler import Sampler
-from lm.train import abstract_model, param_shardings
-from launch.sample import main as sample_main
 from tests.conftest import run_trainer, tiny_overrides
 
 # The axes each matmul of the stacked model (lm.model) contracts, per matrix: its other axes are output

@@ -14,8 +14,8 @@ from flax import nnx
 from lm import config, sharding
 from lm.config import ConfigError
 from lm.model import Transformer
+from lm.params import abstract_model
 from lm.sampler import Sampler, choose
-from lm.train import abstract_model
 from tests.conftest import ROOT, run_trainer, tiny_overrides
 
 

@@ -8,7 +8,8 @@ from flax import nnx
 
 from lm import config, sharding
 from lm.config import ConfigError
-from lm.train import Steps, abstract_model, decay_mask
+from lm.params import abstract_model
+from lm.train import Steps, decay_mask
 from tests.conftest import tiny_overrides
 
 
