@@ -1,11 +1,11 @@
 """Compile the real training step for a TPU topology ahead of time, with no TPU present:
-python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW] [--fit] [key=value ...]
+python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW [--quantize int8]] [--fit] [key=value ...]
 
 Prints, per chip, the memory XLA's analysis gives (parameters, optimizer state, activations and
 temporaries), whether it fits the chip's HBM, XLA's FLOP count and estimated step time, and the
 MFU they imply (both count the layer scan's body once, so no tokens/s is derived from them). With --sample it also compiles the sampler (prefill,
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
-its memory per chip. Exits 1 when either does not fit; a training step that does not fit is one line,
+its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them). Exits 1 when either does not fit; a training step that does not fit is one line,
 what it needs per chip against what the chip has. --fit searches the largest train.batch_size that
 fits and prints it as the override to use.
 """
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--sample", metavar="ROWS,PROMPT,NEW", help="also compile the sampler for this batch")
   parser.add_argument("--fit", action="store_true", help="search the largest train.batch_size that fits")
+  parser.add_argument("--quantize", metavar="int8", help="the sampler's weights: weight-only int8")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_intermixed_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
   except ImportError:
     print("error: launch.aot needs libtpu: pip install -e '.[tpu]'", file=sys.stderr)
     return 1
+  from lm.quantize import check as check_quantize  # after JAX_PLATFORMS is set
+
   try:
     cfg = config.load(args.config, args.overrides)
     family, dims = topology_shape(args.topology)
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     sample = sample_shape(args.sample) if args.sample else None
+    if args.quantize and not sample:
+      raise ConfigError("--quantize applies to the sampler: add --sample ROWS,PROMPT,NEW")
+    check_quantize(args.quantize)
     if cfg.model.vocab_size == 0:
       raise ConfigError("model.vocab_size is 0; set it (the tokenizer is not loaded here)")
     mesh = topology_mesh(cfg, family, dims, args.slices)
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = [step]
     if sample:
       sample_cfg = sampling_config(cfg, mesh.devices.size, any(o.startswith("mesh.") for o in args.overrides))
-      reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample))
+      reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample, args.quantize))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -321,7 +327,8 @@ def is_weight(shape: tuple[int, ...], params) -> bool:
   return False
 
 
-def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len: int, new_tokens: int) -> dict:
+def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len: int, new_tokens: int,
+                    quantize: str | None = None) -> dict:
   """The sampler's insert (prefill into slots) and decode chunk, with parameters sharded and cast as
   `lm-sample` restores them, on the mesh given by mesh.* overrides or else the decode mesh."""
   import jax
@@ -341,7 +348,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   dtype = jnp.dtype(cfg.model.dtype)
   params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, dtype, sharding=s), nnx.to_pure_dict(abstract),
                         param_shardings(abstract, mesh, rules))
-  sampler = Sampler(cfg, params, None, mesh)
+  sampler = Sampler(cfg, params, None, mesh, quantize)
   S = bucket(prompt_len + new_tokens, cfg.model.max_seq_len)
   insert = sampler.insert_function(rows, S, rows, bucket(prompt_len, S))
   chunk = 16
@@ -349,18 +356,24 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   cache = 2 * cfg.model.num_layers * rows * S * cfg.model.num_kv_heads * head_dim(cfg.model)
   cache_shards = math.prod(sharding.shards(mesh, entry) for entry in sampler.cache_sharding.spec)
   cache_chip = cache * dtype.itemsize / cache_shards
-  weights_chip = per_chip(params)
+  weights_chip = per_chip(sampler.params)
   found = collectives(decode.as_text())
   gathered = sum(b * n for kind, shape, b, n in found if kind == "all-gather" and is_weight(shape, params))
   tokens = rows * chunk
   memory, fits, _ = memory_rows(decode, hbm)
+  cost = decode.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  seconds = float(cost.get("optimal_seconds", float("nan")))
   return {"rows": [
       ("sampling", f"{rows} slots x {S} positions ({prompt_len} prompt + {new_tokens} new), decode chunk {chunk}"),
-      ("decode mesh", f"{dict(mesh.shape)}, {cfg.model.dtype} weights"),
+      ("decode mesh", f"{dict(mesh.shape)}, {quantize or cfg.model.dtype} weights"),
       attention_row(insert),
       ("parameters per chip", size(weights_chip)),
       ("KV cache per chip", size(cache_chip)),
       *[(f"decode {label}", value) for label, value in memory],
+      # As for the step: XLA counts the bodies of the scans (decode steps, layers) once each.
+      ("decode XLA bytes accessed", f"{size(float(cost.get('bytes accessed', float('nan'))))} (scan bodies counted once)"),
+      ("decode XLA estimated time", f"{seconds * 1e6:.1f} us (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
       ("interconnect per token per chip", f"{size(sum(b * n for _, _, b, n in found) / tokens)} "
        f"(collectives in the compiled decode, loop bodies x trip counts, / {tokens} tokens)"),
       ("  of which weight all-gathers", size(gathered / tokens)),

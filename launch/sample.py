@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
   speculate.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup (no second model)")
   parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens proposed per speculative round")
   parser.add_argument("--output", help="JSON lines, written as completions finish; a rerun resumes it")
+  parser.add_argument("--quantize", metavar="int8", help="weight-only int8, computed from the checkpoint at load")
   parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="decode mesh settings")
   args = parser.parse_intermixed_args(argv)
   from absl import logging
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
   import jax
 
   from lm import distributed, jobs, speculative  # after argument parsing, so --help needs no jax
+  from lm.quantize import check as check_quantize
   from lm.sampler import Knobs, Sampler, check_sampling
 
   logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
@@ -46,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
   try:
     distributed.initialize()
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    check_quantize(args.quantize)
     if args.chunk < 1:
       raise ConfigError(f"--chunk={args.chunk} must be at least 1")
     prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
-    sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides)
+    sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides, quantize=args.quantize)
     if args.draft or args.speculate:
       proposer = speculative.load_draft(sampler, args.draft) if args.draft else speculative.Ngram()
       speculative.speculate(sampler, proposer, args.draft_tokens)
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                   "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                   "top_p": args.top_p, "seed": args.seed, "stop_tokens": sorted(args.stop_token),
                   "logprobs": args.logprobs}
+      if args.quantize:
+        settings["quantize"] = args.quantize
       if sampler.speculation:  # sampled tokens depend on the proposer (greedy ones do not, but one rule is simpler)
         settings["speculate"] = f"{args.draft or args.speculate}, {args.draft_tokens} tokens"
       out, done = jobs.open_output(args.output, settings, write=writer)

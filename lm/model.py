@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 
 from lm import splash
@@ -27,12 +28,14 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
 
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array | qwix.QArray, n_in: int = 1) -> jax.Array:
   """Contracts the last `n_in` axes of x with the first `n_in` axes of w (cast to x's dtype) as one
-  2-D matmul: XLA's CPU backend runs N-D dots about half as fast, and other backends do not mind."""
+  2-D matmul: XLA's CPU backend runs N-D dots about half as fast, and other backends do not mind.
+  An int8 w (lm.quantize) goes to `qwix.dot`, which rescales it to x's dtype for the matmul."""
   lead, outs = x.shape[: x.ndim - n_in], w.shape[n_in:]
   k = math.prod(w.shape[:n_in])
-  y = jnp.dot(x.reshape(-1, k), w.astype(x.dtype).reshape(k, -1))
+  matmul = qwix.dot if isinstance(w, qwix.QArray) else jnp.dot
+  y = matmul(x.reshape(-1, k), w.astype(x.dtype).reshape(k, math.prod(outs)))
   return y.reshape(*lead, *outs)
 
 
@@ -184,8 +187,12 @@ class Transformer(nnx.Module):
       return constrain(dense(hot, table_VxD), ("batch", None, "embed_act"))
     # Whole along the vocabulary (a lookup across vocab shards XLA can only do by replicating), but
     # still split along the width: each chip looks up a slice of every row, then the rows are regrouped.
-    table_VxD = constrain(self.embed[...].astype(self.dtype), (None, "embed"))
-    x = jnp.take(table_VxD, tokens_BxL, axis=0)
+    table_VxD = self.embed[...].astype(self.dtype)
+    lookup = lambda rows, axes: jnp.take(constrain(rows, axes), tokens_BxL, axis=0)
+    if isinstance(table_VxD, qwix.QArray):  # int8 (lm.quantize): each row's values and its scale
+      x = qwix.dequantize(qwix.QArray(lookup(table_VxD.qvalue, (None, "embed")), lookup(table_VxD.scale, (None, None))))
+    else:
+      x = lookup(table_VxD, (None, "embed"))
     return constrain(x, ("batch", None, "embed_act"))
 
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ from lm import config, sharding
 from lm.checkpoint import file_digest, open_run, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.params import abstract_model, param_shardings
+from lm.quantize import quantized
 from lm.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
@@ -153,12 +154,15 @@ def load_params(ckpts, step: int, cfg: Config, mesh: Mesh) -> Any:
 
 
 class Sampler:
-  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh):
+  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh, quantize: str | None = None):
+    """`quantize="int8"`: int8 weights computed from `params` (lm.quantize); they replace them."""
     self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
     self.speculation: Any = None  # an lm.speculative.Speculation: decode rounds of proposed tokens instead of steps
     self.graphdef, _ = abstract_model(cfg.model)
     self.rules = cfg.mesh.rules
     self.vocab = tokenizer.vocab_size if tokenizer is not None else cfg.model.vocab_size
+    if quantize:
+      self.graphdef, self.params = quantized(params, cfg.model, mesh, self.rules, quantize)
     self.rows_multiple = sharding.data_parallel_size(mesh, self.rules)
     self.cache_sharding = sharding.named(mesh, ("layers", "batch", None, "kv_heads", None), self.rules)
     self.compiled: dict[tuple, Any] = {}
@@ -168,7 +172,7 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
-                   overrides: Sequence[str] = ()) -> "Sampler":
+                   overrides: Sequence[str] = (), quantize: str | None = None) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
     mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it."""
     workdir = Path(workdir)
@@ -189,7 +193,7 @@ class Sampler:
       params = load_params(ckpts, step, cfg, mesh)
     finally:
       ckpts.close()
-    sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh)
+    sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh, quantize)
     sampler.step, sampler.tokenizer_digest = step, recorded
     return sampler
 

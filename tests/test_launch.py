@@ -118,7 +118,7 @@ def aot_total(out: str, label: str = "total per chip") -> float:
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
   small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")  # settings on both sides of options
-  large = launch("aot", *base, "train.batch_size=64", "--slices", "2")
+  large = launch("aot", *base, "train.batch_size=64", "--slices", "2", "--sample", "4,128,128", "--quantize", "int8")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
@@ -136,6 +136,11 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   assert aot_total(small.stdout, "KV cache per chip") == pytest.approx(cache, rel=0.01)
   assert aot_total(small.stdout, "decode total per chip") > cache
   assert aot_total(small.stdout, "  of which weight all-gathers") > 0  # mesh.fsdp=-1: the FSDP sampling mesh
+  # int8 weights: at most 0.55x a bfloat16 copy of the float32 parameters the plain sampler holds
+  sampler_params = lambda out: aot_total(out[out.index("\nsampling"):], "parameters per chip")
+  assert sampler_params(large.stdout) <= 0.55 * sampler_params(small.stdout) / 2
+  args = lambda out: aot_total(out, r"decode arguments per chip \(XLA\)")
+  assert args(large.stdout) < args(small.stdout)
 
 
 @pytest.mark.slow
@@ -186,6 +191,9 @@ def test_aot_errors(tmp_path):
                "model.vocab_size=2048")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: mesh.slices=3, but the 8 devices come from 2 slice(s); set it to 2 or 0"
+  out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128,128", "--quantize", "int4")
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: --quantize 'int4' is not one of: int8"
   (tmp_path / "libtpu.py").write_text("raise ImportError('not installed')\n")
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", env={"PYTHONPATH": str(tmp_path)})
   assert out.returncode == 1

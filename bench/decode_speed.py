@@ -1,0 +1,59 @@
+"""Decode throughput with int8 weights against float ones: python -m bench.decode_speed
+
+Greedy decoding by the KV-cached sampler on the width-384 benchmark model (random weights: the speed
+does not depend on them), at batch 1 and 8, once with the float parameters and once with
+`quantize="int8"`. Each configuration is compiled and run once before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import jax
+from flax import nnx
+
+from lm import config, data, sharding
+from lm.model import Transformer, count_params
+from lm.sampler import Sampler
+from lm.tokenizer import train as train_tokenizer
+
+MODEL = ["model.num_layers=6", "model.d_model=384", "model.num_heads=6", "model.num_kv_heads=6", "model.d_ff=1536",
+         "model.max_seq_len=512", "mesh.data=1"]
+
+
+def decode_rate(sampler: Sampler, prompt: str, rows: int, new_tokens: int) -> float:
+  run = lambda: sampler.generate([prompt] * rows, max_new_tokens=new_tokens, stop_tokens=(), batch_size=rows)
+  run()
+  sampler.timing = type(sampler.timing)()
+  run()
+  return sampler.timing.decode_tokens / sampler.timing.decode_seconds
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--new-tokens", type=int, default=128)
+  parser.add_argument("--prompt-tokens", type=int, default=64)
+  parser.add_argument("--dtype", default="float32", help="the compute dtype (model.dtype)")
+  args = parser.parse_args()
+  docs = data.TextFiles(data.stdlib_files())
+  with tempfile.TemporaryDirectory() as tmp:
+    tok = train_tokenizer((docs[i] for i in range(0, len(docs), 9)),
+                          config.TokenizerConfig(vocab_size=2048, train_sentences=20000), f"{tmp}/t.model")
+  cfg = config.load(None, MODEL + [f"model.vocab_size={tok.vocab_size}", f"model.dtype={args.dtype}"])
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  params = nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(0))))
+  samplers = {"float": Sampler(cfg, params, tok, mesh), "int8": Sampler(cfg, params, tok, mesh, "int8")}
+  prompt = tok.decode(tok.encode(" ".join(docs[0].split()))[: args.prompt_tokens - 1])  # with BOS: prompt_tokens
+  print(f"model: {count_params(cfg.model) / 1e6:.1f}M parameters (6 layers, width 384, vocab {tok.vocab_size}), "
+        f"{args.dtype} compute; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy; "
+        f"device: {jax.devices()[0].device_kind}\n")
+  print("| batch | float weights: decode tokens/s | int8 weights: decode tokens/s | int8 / float |")
+  print("|---|---|---|---|")
+  for rows in (1, 8):
+    rates = {name: decode_rate(s, prompt, rows, args.new_tokens) for name, s in samplers.items()}
+    print(f"| {rows} | {rates['float']:,.0f} | {rates['int8']:,.0f} | {rates['int8'] / rates['float']:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
