@@ -121,8 +121,8 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
 def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
   sampler = make_sampler(tokenizer)
   rng = np.random.default_rng(0)
-  words = tokenizer.decode(list(range(300, 500))).split()
-  prompts = [" ".join(rng.choice(words, rng.integers(1, 7))) for _ in range(100)]
+  words = ["x", "y", "def", "return", "import", "for", "in", "range", "print", "self", "(", ")", ":"]
+  prompts = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(100)]
   stops = [int(t) for t in rng.choice(tokenizer.vocab_size, 40, replace=False)]  # rows finish all over
   out = sampler.generate(prompts, max_new_tokens=12, temperature=1.0, batch_size=8, chunk=4, stop_tokens=stops[:7])
   assert len({len(c.token_ids) for c in out}) > 3
