@@ -107,7 +107,8 @@ class StopRequest:
   def agreed(self, waits_anyway: bool) -> bool:
     """True on every process, at the same step, once any process received a signal. Across processes
     that takes an all-gather, which waits for the step in flight, so it is asked only every `log.every`
-    steps and at steps that evaluate or save (which wait anyway); a step between says no."""
+    steps (every step when that is 0) and at steps that evaluate or save (which wait anyway); a step
+    between says no."""
     asked = self.received is not None
     if jax.process_count() == 1:
       return asked
@@ -291,7 +292,7 @@ def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_bat
     last = done == cfg.train.steps
     evaluate_now = bool(val_batches) and (due(done, cfg.eval.every) or last)
     save_now = due(done, cfg.checkpoint.every) or last
-    stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every))
+    stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every or 1))  # log.every=0: every step
     save_now = save_now or stopping
     if evaluate_now or save_now:
       log(*pending)  # a NaN stops here, before anything is saved

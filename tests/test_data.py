@@ -128,21 +128,26 @@ def test_process_shares_make_up_the_global_batch(tmp_path, tokenizer):
       np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[step][k])
 
 
-def test_iterator_state_restores_the_exact_position(tmp_path, tokenizer):
-  write_docs(tmp_path / "txt", 30)
-  docs = data.open_source(str(tmp_path / "txt"))
-  kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3)
-  it = iter(data.batches(docs, tokenizer, **kw))
-  for _ in range(7):
+def assert_resumes_exactly(make_iter, skip: int, take: int) -> None:
+  """The batches after `skip` equal those a fresh iterator gives once set to the saved position."""
+  it = make_iter()
+  for _ in range(skip):
     next(it)
   state = it.get_state()
-  expected = [next(it) for _ in range(5)]
-  resumed = iter(data.batches(docs, tokenizer, **kw))
+  expected = [next(it) for _ in range(take)]
+  resumed = make_iter()
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_iterator_state_restores_the_exact_position(tmp_path, tokenizer):
+  write_docs(tmp_path / "txt", 30)
+  docs = data.open_source(str(tmp_path / "txt"))
+  kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3)
+  assert_resumes_exactly(lambda: iter(data.batches(docs, tokenizer, **kw)), skip=7, take=5)
   other_seed = next(iter(data.batches(docs, tokenizer, **{**kw, "seed": 6})))
   assert not np.array_equal(other_seed["inputs"], next(iter(data.batches(docs, tokenizer, **kw)))["inputs"])
 
@@ -280,15 +285,5 @@ def test_mixture_follows_its_weights_holds_out_per_source_and_resumes(tmp_path, 
   assert sum(d in a for d in held) == 4 and sum(d in b for d in held) == 2 and not set(held) & set(first)
 
   kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3)
-  it = iter(data.batches(train, tokenizer, **kw))
-  for _ in range(6):
-    next(it)
-  state = it.get_state()
-  expected = [next(it) for _ in range(3)]
-  resumed = iter(data.batches(train, tokenizer, **kw))
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
+  assert_resumes_exactly(lambda: iter(data.batches(train, tokenizer, **kw)), skip=6, take=3)
 

@@ -118,7 +118,7 @@ def aot_total(out: str, label: str = "total per chip") -> float:
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
   small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")  # settings on both sides of options
-  large = launch("aot", *base, "train.batch_size=64", "--slices", "2", "--sample", "4,128,128", "--quantize", "int8")
+  large = launch("aot", *base, "train.batch_size=64", "--slices", "2", "--sample", "8,128,128", "--quantize", "int8")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
