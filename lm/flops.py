@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ModelConfig, head_dim
-from lm.params import abstract_model, logical_axes
+from lm.params import abstract_model, is_matrix, logical_axes
 
 # Dense bfloat16 peak FLOP/s per JAX device (a chip; a TensorCore on TPU v2 and v3), by `device_kind`:
 # the longest name that is the kind or starts it before a space or hyphen ("NVIDIA H100 80GB HBM3" is
@@ -41,7 +41,7 @@ def matmul_params(cfg: ModelConfig) -> int:
   """Weights that multiply activations: every matrix (norm scales are vectors), less an untied
   embedding table, which is a lookup (a tied one is also the output projection)."""
   _, abstract = abstract_model(cfg)
-  sizes = jax.tree.map(lambda axes, v: v.size if len([a for a in axes if a != "layers"]) >= 2 else 0,
+  sizes = jax.tree.map(lambda axes, v: v.size if is_matrix(axes) else 0,
                        logical_axes(abstract), nnx.to_pure_dict(abstract), is_leaf=lambda x: isinstance(x, tuple))
   return sum(jax.tree.leaves(sizes)) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
 

@@ -18,6 +18,11 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
 
 
+def is_matrix(axes: tuple[str, ...]) -> bool:
+  """A weight that multiplies activations (or is looked up); a per-layer stack of vectors is not one."""
+  return len([a for a in axes if a != "layers"]) >= 2
+
+
 def logical_axes(abstract: nnx.State) -> dict[str, Any]:
   return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["axes"], abstract,
                                        is_leaf=lambda x: isinstance(x, nnx.Variable)))

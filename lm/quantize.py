@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from lm import sharding
 from lm.config import ConfigError, ModelConfig
 from lm.model import Transformer
-from lm.params import abstract_model
+from lm.params import abstract_model, is_matrix
 
 MODES = ("int8",)
 # The axes each matrix contracts where the model reads it; every other axis (the layer axis included)
@@ -36,7 +36,7 @@ def quantize_model(model: Transformer) -> Transformer:
   """Replaces, in place, the value of every matrix Param by its int8 QArray; norm scales stay float.
   Scales are kept in the compute dtype, to which the model casts every weight anyway."""
   for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param) and len([a for a in var.get_metadata()["axes"] if a != "layers"]) >= 2:
+    if isinstance(var, nnx.Param) and is_matrix(var.get_metadata()["axes"]):
       axes = var.get_metadata()["axes"]
       channels = tuple(i for i, a in enumerate(axes) if a not in CONTRACTED[path[-1]])
       var.set_value(qwix.quantize(var.get_value(), jnp.int8, channelwise_axes=channels, scale_dtype=model.dtype))

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lm import sharding
 from lm.config import Config, TrainConfig
 from lm.model import Transformer
-from lm.params import abstract_model, logical_axes, param_shardings
+from lm.params import abstract_model, is_matrix, logical_axes, param_shardings
 
 Batch = dict[str, jax.Array]  # inputs, targets, segment_ids, positions: all [B, L] int32
 
@@ -28,7 +28,7 @@ class TrainState:
 
 def decay_mask(abstract: nnx.State) -> dict[str, Any]:
   """Weight decay applies to matrices only, not to norm scales (a per-layer stack is still a vector)."""
-  return jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2, logical_axes(abstract),
+  return jax.tree.map(is_matrix, logical_axes(abstract),
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
