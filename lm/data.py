@@ -21,6 +21,7 @@ import numpy as np
 
 from lm.config import ConfigError, DataConfig
 from lm.formats import INDEX_SUFFIXES, CompressedJsonLines, Parquet, record_text
+from lm.packing import PackedRows, WindowShuffle
 from lm.token_cache import TokenCache
 from lm.tokenizer import Tokenizer
 
@@ -258,21 +259,33 @@ class _Stack(grain.transforms.Map):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def token_ids(docs: Any) -> bool:
+  """Whether the documents are token ids (of token caches) already."""
+  if isinstance(docs, Mixture):
+    return all(token_ids(p) for p in docs.parts)
+  return isinstance(docs.source if isinstance(docs, Subset) else docs, TokenCache)
+
+
 def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
             shuffle_window: int = 1, rows: range | None = None, workers: int = 0) -> grain.IterDataset:
   """Rows `rows` (default: all) of every global batch, the rows this process feeds to its devices:
   dicts of [len(rows), seq_len] int32 arrays `inputs`, `targets`, `segment_ids` (0 marks padding)
-  and `positions`. With `workers`, grain's worker processes each make every `workers`-th batch
-  (documents sliced among them), so the order depends on the worker count too, and is as
-  deterministic and resumable."""
+  and `positions`. Token ids are packed by lm.packing into the same rows, in this process. For text,
+  with `workers`, grain's worker processes each make every `workers`-th batch (documents sliced among
+  them), so the order depends on the worker count too, and is as deterministic and resumable."""
+  rows = rows or range(global_batch)
+  if token_ids(docs):
+    packed = PackedRows(shuffled_documents(docs, seed), tokenizer.bos_id, tokenizer.eos_id, seq_len=seq_len,
+                        global_batch=global_batch, rows=rows, window=shuffle_window, seed=seed)
+    return gx.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=2)
   shuffled = shuffled_documents(docs, seed).map(_Tokenize(tokenizer))
   streams = []
-  for j in rows or range(global_batch):
+  for j in rows:
     # Streams are read synchronously: one prefetch thread below serves all of them.
     stream = shuffled[j::global_batch].filter(_Something()).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     stream = gx.ConcatThenSplitIterDataset(stream, length_struct={"inputs": seq_len, "targets": seq_len})
     if shuffle_window > 1:
-      stream = gx.WindowShuffleIterDataset(stream, window_size=shuffle_window, seed=seed + j)
+      stream = WindowShuffle(stream, size=shuffle_window, seed=seed, row=j)
     streams.append(stream.map(_Rename()))
   stacked = gx.ZipIterDataset(streams).map(_Stack())
   if workers:

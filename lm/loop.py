@@ -248,6 +248,8 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=cfg.data.shuffle_window,
                                  workers=cfg.data.workers, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
+  if cfg.data.workers and data.token_ids(train_docs):
+    writer.say(f"data.workers={cfg.data.workers} is not used: token caches are packed in the training process, faster than in workers")
   state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say)
   start = int(state.step)
   if lead:

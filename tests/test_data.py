@@ -143,6 +143,20 @@ def assert_resumes_exactly(make_iter, skip: int, take: int) -> None:
       np.testing.assert_array_equal(got[k], want[k])
 
 
+def test_a_window_yields_the_same_rows_of_each_stream_in_another_order(tmp_path, tokenizer):
+  write_docs(tmp_path / "txt", 30)
+  docs = data.open_source(str(tmp_path / "txt"))
+  kw = dict(seq_len=16, global_batch=2, seed=4)
+  plain, shuffled = (iter(data.batches(docs, tokenizer, shuffle_window=w, **kw)) for w in (1, 4))
+  reordered = False
+  for _ in range(3):
+    a, b = [next(plain)["inputs"] for _ in range(4)], [next(shuffled)["inputs"] for _ in range(4)]
+    for row in range(2):
+      assert sorted(x[row].tobytes() for x in a) == sorted(x[row].tobytes() for x in b)
+      reordered |= [x[row].tobytes() for x in a] != [x[row].tobytes() for x in b]
+  assert reordered
+
+
 def test_iterator_state_restores_the_exact_position(tmp_path, tokenizer):
   write_docs(tmp_path / "txt", 30)
   docs = data.open_source(str(tmp_path / "txt"))
@@ -231,12 +245,16 @@ def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer
   raw_train, raw_val = data.split(DataConfig(source=str(tmp_path / "txt"), **cfg))
   train, val = data.split(DataConfig(source=f"tokens:{tmp_path / 'cache'}", **cfg))
   assert [list(val[i]) for i in range(len(val))] == [tokenizer.encode(raw_val[i]) for i in range(len(raw_val))]
-  kw = dict(seq_len=32, global_batch=4, seed=2, shuffle_window=3)
-  raw_it, it = iter(data.batches(raw_train, tokenizer, **kw)), iter(data.batches(train, tokenizer, **kw))
-  for _ in range(8):
-    want, got = next(raw_it), next(it)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
+  # lm.packing packs a cache's rows at once, grain the text's row by row: the same rows, across windows,
+  # for a share of the rows, with documents longer than a row; and it resumes exactly.
+  for window, rows, seq_len in ((3, range(4), 32), (1, range(1, 3), 8)):
+    kw = dict(seq_len=seq_len, global_batch=4, seed=2, shuffle_window=window, rows=rows)
+    raw_it, it = iter(data.batches(raw_train, tokenizer, **kw)), iter(data.batches(train, tokenizer, **kw))
+    for _ in range(8):
+      want, got = next(raw_it), next(it)
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert_resumes_exactly(lambda: iter(data.batches(train, tokenizer, **kw)), skip=5, take=4)
 
   from lm.tokenizer import Tokenizer
   other = Tokenizer(shared_data / "c4_en_32k_sentencepiece.model")
