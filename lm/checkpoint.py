@@ -84,7 +84,12 @@ class _DataPosition:
     return self
 
   def set_state(self, state: bytes) -> None:
-    self.iterator.set_state(_tuples(json.loads(state)))
+    try:
+      self.iterator.set_state(_tuples(json.loads(state)))
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a readable checkpoint: not one to set aside
+      raise ConfigError(f"the checkpoint's data position ({type(e).__name__}: {e}) is not one this input pipeline "
+                        f"reads: it was saved by another version of lm; resume with that version, or keep only "
+                        f"the parameters with --init-from in a new --workdir") from None
 
   def start_prefetch(self) -> None:
     self.iterator.start_prefetch()
@@ -160,6 +165,8 @@ class Checkpoints:
   def _restore(self, step: int, **items: Any) -> dict[str, Any]:
     try:
       return self.reader.restore(step, args=ocp.args.Composite(**items))
+    except ConfigError:
+      raise
     except Exception as e:  # orbax and tensorstore raise many kinds; all mean the same here
       reason = " ".join(str(e).split("See full TensorStore details")[0].split())[:200]
       raise UnreadableCheckpoint(step, _locate(str(e), self.dir / str(step)), reason) from None

@@ -286,6 +286,18 @@ def test_workers_keep_a_resumable_order(tmp_path, tokenizer):
   resumed.close()
 
 
+def test_a_data_position_of_another_pipeline_is_one_line_not_an_unreadable_checkpoint(tmp_path, tokenizer):
+  from lm.checkpoint import _DataPosition
+  write_docs(tmp_path / "txt", 10)
+  docs = data.open_source(str(tmp_path / "txt"))
+  it = iter(data.batches(docs, tokenizer, seq_len=32, global_batch=2, seed=0, shuffle_window=3))
+  next(it)
+  saved = _DataPosition(it).freeze().get_state()
+  older = saved.replace(b'"parent"', b'"parent_window_start_state"').replace(b'"taken"', b'"pos_in_window"')  # grain's window shuffle
+  with pytest.raises(ConfigError, match=r"^the checkpoint's data position \(KeyError: 'parent'\) is not one this input pipeline reads"):
+    _DataPosition(it).set_state(older)
+
+
 def test_mixture_follows_its_weights_holds_out_per_source_and_resumes(tmp_path, tokenizer):
   from lm import config
   a, b = set(write_docs(tmp_path / "a", 40)), set(write_docs(tmp_path / "b", 20))
