@@ -156,7 +156,8 @@ class Speculation:
 
   def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, stop_ids, rounds):
     """`rounds` rounds for every slot; emits K+1 token places per round (the pending token and the
-    guesses), live where the row is live and the guess was kept. Done rows compute along but stand still."""
+    guesses), live where the row is live and the guess was kept. Done rows compute along but stand still,
+    and the chunk ends early once every row is done."""
     model = nnx.merge(target.graphdef, params)
     S, K = target_len(state), self.k
     knobs = (temperature, top_k, top_p)
@@ -189,9 +190,16 @@ class Speculation:
                        "pos": jnp.where(go, pos_B + n_B, pos_B), "count": jnp.where(go, count_B + n_B, count_B), "done": done}
       return state, emitted
 
-    state, emitted = jax.lax.scan(one, state, None, length=rounds)
+    # A round costs a pass of K+1 tokens: the chunk stops early once every row is done.
+    def body(carry):
+      i, state, out = carry
+      state, emitted = one(state, None)
+      return i + 1, state, tuple(jax.lax.dynamic_update_slice(o, e, (0, i * (K + 1))) for o, e in zip(out, emitted))
+
     B = state["token"].shape[0]
-    return state, *(jnp.swapaxes(x_RxBxT, 0, 1).reshape(B, -1) for x_RxBxT in emitted)
+    out = tuple(jnp.zeros((B, rounds * (K + 1)), dtype) for dtype in (jnp.int32, jnp.float32, jnp.bool_))
+    _, state, out = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~jnp.all(c[1]["done"]), body, (0, state, out))
+    return state, *out
 
   def decode_function(self, target: Sampler, B: int, S: int, rounds: int):
     """Compiled chunk of `rounds` rounds, called as the engine calls its decode chunk."""
