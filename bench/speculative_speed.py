@@ -4,7 +4,7 @@ Greedy decode tokens/s at batch 1 and 8 for plain decoding, a draft run (about 1
 parameters, the target's tokenizer) and prompt lookup (ngram) on code prompts that quote their
 context, with acceptance rates and the cost of one target pass of K+1 tokens relative to one of 1
 token. Without work directories it first trains both on the built-in corpus (the standard library's
-Python files) for `--train-steps` steps each.
+Python files) for `--train-steps` and `--draft-steps` steps.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--target", help="the target run's work directory (default: train one)")
   parser.add_argument("--draft", help="the draft run's work directory, same tokenizer (default: train one)")
-  parser.add_argument("--train-steps", type=int, default=300)
+  parser.add_argument("--train-steps", type=int, default=300, help="the target's training steps")
+  parser.add_argument("--draft-steps", type=int, help="the draft's training steps (default: --train-steps)")
   parser.add_argument("--draft-tokens", type=int, default=4)
   parser.add_argument("--new-tokens", type=int, default=96)
   parser.add_argument("--prompt-tokens", type=int, default=96)
@@ -116,7 +117,7 @@ def main() -> None:
     if not args.target:
       train(target_dir, TARGET, args.train_steps)
     if not args.draft:
-      train(draft_dir, DRAFT, args.train_steps, f"tokenizer.path={target_dir / 'tokenizer.model'}")
+      train(draft_dir, DRAFT, args.draft_steps or args.train_steps, f"tokenizer.path={target_dir / 'tokenizer.model'}")
     target = Sampler.from_workdir(target_dir)
     draft = speculative.load_draft(target, str(draft_dir))
   K = args.draft_tokens
