@@ -96,8 +96,8 @@ def rates(samplers: dict[str, Sampler], prompts: list[str], rows: int, new_token
   out = {}
   for name, sampler in samplers.items():
     t = sampler.timing
-    passes = max(t.target_passes, 1)
-    out[name] = statistics.median(per_second[name]), t.accepted / max(t.proposed, 1), (t.target_passes + t.accepted) / passes
+    per_pass = (t.target_passes + t.accepted) / t.target_passes if t.target_passes else 1.0  # plain: one token a pass
+    out[name] = statistics.median(per_second[name]), t.accepted / max(t.proposed, 1), per_pass
   return out
 
 

@@ -62,7 +62,8 @@ def accept(key_u_B: jax.Array, key_r_B: jax.Array, p_BxTxV: jax.Array, q_BxKxV: 
 
 class Ngram:
   """Prompt lookup: the K tokens that followed the most recent earlier occurrence of the row's last
-  n tokens (n from 3 down to 1) in its prompt and generated text, kept in a per-row history."""
+  n tokens (n from 3 down to 1) in its prompt and generated text, kept in a per-row history; where
+  they run past the row's end, the guesses so far continue the text."""
   name = "ngram"
 
   def __init__(self):
@@ -91,7 +92,11 @@ class Ngram:
       match_BxS &= (j_S[None] >= n) & (pos_B[:, None] >= n) & (jnp.roll(history_BxS, n, axis=1) == last_B)
       latest_B = jnp.max(jnp.where(match_BxS, j_S[None], -1), axis=1)
       found_B = jnp.where(latest_B >= 0, latest_B, found_B)
-    drafts_BxK = jnp.take_along_axis(history_BxS, jnp.clip(found_B[:, None] + 1 + jnp.arange(K), 0, S - 1), axis=1)
+    # What follows an occurrence ending at j runs into the guesses themselves past the row's end at
+    # pos: the text repeats with period pos - j (a loop, or a quote of what was just written).
+    period_B = jnp.maximum(pos_B - found_B, 1)
+    follow_BxK = found_B[:, None] + 1 + jnp.arange(K)[None] % period_B[:, None]
+    drafts_BxK = jnp.take_along_axis(history_BxS, jnp.clip(follow_BxK, 0, S - 1), axis=1)
     return drafts_BxK, jax.nn.one_hot(drafts_BxK, target.vocab, dtype=jnp.float32), state
 
   def record(self, state, tokens_BxT, pos_B):

@@ -1,6 +1,7 @@
 """Speculative decoding against the plain engine (greedy) and an exact enumeration (sampled)."""
 
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,34 @@ def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
     rates[name] = spec.timing.accepted / spec.timing.proposed
   assert rates["itself"] == 1.0
   assert 0 < rates["smaller"] < 1 and 0 < rates["ngram"] < 1, rates  # kept and rejected guesses both seen
+
+
+def naive_lookup(seq: list[int], K: int) -> list[int] | None:
+  """The K tokens after the latest earlier occurrence of the last 3 (else 2, else 1) tokens, read
+  from the sequence as the guesses extend it."""
+  for n in (3, 2, 1):
+    ends = [j for j in range(n - 1, len(seq) - 1) if len(seq) >= n and seq[j - n + 1:j + 1] == seq[-n:]]
+    if ends:
+      out = list(seq)
+      for k in range(K):
+        out.append(out[max(ends) + 1 + k])
+      return out[len(seq):]
+  return None
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+  """Random rows over 3 tokens: matches of every length, most ending close enough to the row's end
+  that the guesses run past it."""
+  rng = np.random.default_rng(0)
+  B, S, K = 64, 24, 5
+  history, pos = rng.integers(0, 3, (B, S)).astype(np.int32), rng.integers(0, S - K, B).astype(np.int32)
+  state = {"history": jnp.asarray(history), "pos": jnp.asarray(pos)}
+  drafts, q, _ = speculative.Ngram().propose(types.SimpleNamespace(vocab=3), {}, state, None, K, None)
+  for b in range(B):
+    want = naive_lookup(history[b, :pos[b] + 1].tolist(), K)
+    if want is not None:
+      assert np.asarray(drafts[b]).tolist() == want, (history[b, :pos[b] + 1], drafts[b], want)
+  np.testing.assert_array_equal(q, jax.nn.one_hot(drafts, 3))
 
 
 def tiny_vocab_model(seed: int, layers: int) -> Sampler:
