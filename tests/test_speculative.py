@@ -38,6 +38,37 @@ def distilled_draft(target: Sampler, sequences: list[list[int]], steps: int = 30
   return Sampler(cfg, state.params, target.tokenizer, target.mesh)
 
 
+def greedy_by_recompute(sampler: Sampler):
+  """(ids, n) -> n greedy tokens, each from a full forward pass over everything before it."""
+  forward = jax.jit(lambda params, tokens: nnx.merge(sampler.graphdef, params)(tokens)[0])
+
+  def extend(ids: list[int], n: int) -> list[int]:
+    seq = np.zeros((1, sampler.cfg.model.max_seq_len), np.int32)  # one shape; causality makes the zeros inert
+    seq[0, :len(ids)] = ids
+    for end in range(len(ids), len(ids) + n):
+      seq[0, end] = int(jnp.argmax(forward(sampler.params, seq)[end - 1, :sampler.vocab]))
+    return seq[0, len(ids):len(ids) + n].tolist()
+  return extend
+
+
+def replayed_rounds(requests: list[Request], propose, target_next, stops: list[int], K: int) -> tuple[int, int]:
+  """(accepted, proposed) guesses of greedy rounds replayed on the host: a round keeps the leading
+  guesses that agree with the target's greedy continuation, then the target's own token; a row ends
+  at a stop token or its budget."""
+  accepted = proposed = 0
+  for r in requests:
+    seq = target_next(r.ids, r.budget + K + 1)  # the pending token, then what the target writes after it
+    count = 0
+    while True:
+      guesses = propose(r.ids + seq[:count + 1], K)
+      kept = next((k for k in range(K) if guesses[k] != seq[count + 1 + k]), K)
+      accepted, proposed = accepted + kept, proposed + K
+      if set(seq[count:count + kept + 1]) & set(stops) or count + kept + 1 >= r.budget:
+        break
+      count += kept + 1
+  return accepted, proposed
+
+
 def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
   """A separately trained smaller draft, the target as its own draft (every guess kept) and prompt lookup; rows stop at
   different points, more prompts than slots, several rounds per chunk."""
@@ -50,9 +81,12 @@ def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
   assert len({len(c.token_ids) for c in want}) > 2
   draft = distilled_draft(target, [r.ids + c.token_ids for r, c in zip(requests(), plain)])
   assert draft.cfg.model.d_model < target.cfg.model.d_model
+  target_next, draft_next = greedy_by_recompute(target), greedy_by_recompute(draft)
+  lookup = lambda ids, K: naive_lookup(ids, K) or [ids[k % len(ids)] for k in range(K)]  # no match: the row's start
   rates = {}
-  for name, proposer, k in [("smaller", speculative.Draft(draft), 3),
-                            ("itself", speculative.Draft(target), 4), ("ngram", speculative.Ngram(), 3)]:
+  for name, proposer, propose, k in [("smaller", speculative.Draft(draft), draft_next, 3),
+                                     ("itself", speculative.Draft(target), target_next, 4),
+                                     ("ngram", speculative.Ngram(), lookup, 3)]:
     spec = Sampler(target.cfg, target.params, tokenizer, target.mesh)
     speculative.speculate(spec, proposer, k)
     got = sorted(spec.run(requests(), Knobs(), batch_size=3, chunk=2, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
@@ -60,6 +94,7 @@ def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
     np.testing.assert_allclose(sum((c.logprobs for c in got), []), sum((c.logprobs for c in want), []), atol=1e-4)
     assert spec.timing.decode_tokens == sum(len(c.token_ids) for c in want)
     rates[name] = spec.timing.accepted / spec.timing.proposed
+    assert (spec.timing.accepted, spec.timing.proposed) == replayed_rounds(requests(), propose, target_next, stops, k), name
   assert rates["itself"] == 1.0
   assert 0 < rates["smaller"] < 1 and 0 < rates["ngram"] < 1, rates  # kept and rejected guesses both seen
 
