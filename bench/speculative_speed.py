@@ -4,12 +4,13 @@ Greedy decode tokens/s at batch 1 and 8 for plain decoding, a draft run (about 1
 parameters, the target's tokenizer) and prompt lookup (ngram) on code prompts that quote their
 context, with acceptance rates and the cost of one target pass of K+1 tokens relative to one of 1
 token. Without work directories it first trains both on the built-in corpus (the standard library's
-Python files) for `--train-steps` steps each.
+Python files) for `--train-steps` and `--draft-steps` steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,50 +55,69 @@ def prose_prompts(sampler: Sampler, n: int, context: int) -> list[str]:
   return [sampler.tokenizer.decode(sampler.tokenizer.encode(docs[i * 11 + 3])[:context]) for i in range(n)]
 
 
-def pass_cost(sampler: Sampler, rows: int, T: int, S: int, repeats: int = 20) -> float:
-  """Seconds of one target decode call of T new tokens per row against a cache of S slots."""
+def pass_cost(sampler: Sampler, rows: int, T: int, S: int, repeats: int = 15) -> float:
+  """One target decode call of T new tokens per row over one of 1 token, against a cache of S slots:
+  medians of interleaved calls, so load from other processes weighs on both alike."""
   cache = sampler.empty_state(rows, S)["cache"]
 
-  @jax.jit
-  def decode(params, cache):
-    model = nnx.merge(sampler.graphdef, params)
-    positions = jnp.broadcast_to(S // 2 + jnp.arange(T), (rows, T))
-    visible = jnp.arange(S)[None, None] <= positions[..., None]
-    return model.decode(jnp.zeros((rows, T), jnp.int32), positions, cache, jnp.full((rows,), S // 2), visible)
+  def decode(t: int):
+    @jax.jit
+    def call(params, cache):
+      model = nnx.merge(sampler.graphdef, params)
+      positions = jnp.broadcast_to(S // 2 + jnp.arange(t), (rows, t))
+      visible = jnp.arange(S)[None, None] <= positions[..., None]
+      return model.decode(jnp.zeros((rows, t), jnp.int32), positions, cache, jnp.full((rows,), S // 2), visible)
+    return call
 
-  jax.block_until_ready(decode(sampler.params, cache))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    jax.block_until_ready(decode(sampler.params, cache))
-  return (time.perf_counter() - start) / repeats
+  calls, seconds = {t: decode(t) for t in (1, T)}, {1: [], T: []}
+  for i in range(repeats + 1):  # the first round compiles
+    for t, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call(sampler.params, cache))
+      if i:
+        seconds[t].append(time.perf_counter() - start)
+  return statistics.median(seconds[T]) / statistics.median(seconds[1])
 
 
-def rate(sampler: Sampler, prompts: list[str], rows: int, new_tokens: int) -> tuple[float, float, float]:
-  """Kept tokens/s, acceptance and tokens per target pass of a second, compiled run."""
+def rates(samplers: dict[str, Sampler], prompts: list[str], rows: int, new_tokens: int, repeats: int
+          ) -> dict[str, tuple[float, float, float]]:
+  """Per sampler: median kept tokens/s over `repeats` compiled runs taken in turn with the others
+  (so load from other processes weighs on all alike), acceptance and tokens per target pass."""
   kw = dict(max_new_tokens=new_tokens, batch_size=rows, chunk=8)
-  sampler.generate(prompts[:rows], **kw)
-  sampler.timing = type(sampler.timing)()
-  sampler.generate(prompts[:rows], **kw)
-  t = sampler.timing
-  passes = max(t.target_passes, 1)
-  return t.decode_tokens / t.decode_seconds, t.accepted / max(t.proposed, 1), (t.target_passes + t.accepted) / passes
+  per_second: dict[str, list[float]] = {name: [] for name in samplers}
+  for sampler in samplers.values():
+    sampler.generate(prompts[:rows], **kw)  # compiles
+    sampler.timing = type(sampler.timing)()
+  for _ in range(repeats):
+    for name, sampler in samplers.items():
+      decode_tokens, decode_seconds = sampler.timing.decode_tokens, sampler.timing.decode_seconds
+      sampler.generate(prompts[:rows], **kw)
+      per_second[name].append((sampler.timing.decode_tokens - decode_tokens) / (sampler.timing.decode_seconds - decode_seconds))
+  out = {}
+  for name, sampler in samplers.items():
+    t = sampler.timing
+    per_pass = (t.target_passes + t.accepted) / t.target_passes if t.target_passes else 1.0  # plain: one token a pass
+    out[name] = statistics.median(per_second[name]), t.accepted / max(t.proposed, 1), per_pass
+  return out
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--target", help="the target run's work directory (default: train one)")
   parser.add_argument("--draft", help="the draft run's work directory, same tokenizer (default: train one)")
-  parser.add_argument("--train-steps", type=int, default=300)
+  parser.add_argument("--train-steps", type=int, default=300, help="the target's training steps")
+  parser.add_argument("--draft-steps", type=int, help="the draft's training steps (default: --train-steps)")
   parser.add_argument("--draft-tokens", type=int, default=4)
   parser.add_argument("--new-tokens", type=int, default=96)
   parser.add_argument("--prompt-tokens", type=int, default=96)
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs per decoding, taken in turn")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     target_dir, draft_dir = Path(args.target or f"{tmp}/target"), Path(args.draft or f"{tmp}/draft")
     if not args.target:
       train(target_dir, TARGET, args.train_steps)
     if not args.draft:
-      train(draft_dir, DRAFT, args.train_steps, f"tokenizer.path={target_dir / 'tokenizer.model'}")
+      train(draft_dir, DRAFT, args.draft_steps or args.train_steps, f"tokenizer.path={target_dir / 'tokenizer.model'}")
     target = Sampler.from_workdir(target_dir)
     draft = speculative.load_draft(target, str(draft_dir))
   K = args.draft_tokens
@@ -110,16 +130,17 @@ def main() -> None:
   code, prose = code_prompts(target, 8, args.prompt_tokens), prose_prompts(target, 8, args.prompt_tokens)
   costs = {}
   for rows in (1, 8):
-    plain = Sampler(target.cfg, target.params, target.tokenizer, target.mesh)
     for name, prompts in (("prose", prose), ("code", code)):
-      base, _, _ = rate(plain, prompts, rows, args.new_tokens)
-      print(f"| {rows} | plain | {name} | {base:,.1f} | 1.00x | | 1.00 |")
+      samplers = {"plain": Sampler(target.cfg, target.params, target.tokenizer, target.mesh)}
       for label, proposer in (("draft", draft), ("ngram", speculative.Ngram())):
-        spec = Sampler(target.cfg, target.params, target.tokenizer, target.mesh)
-        speculative.speculate(spec, proposer, K)
-        tps, acceptance, per_pass = rate(spec, prompts, rows, args.new_tokens)
-        print(f"| {rows} | {label} | {name} | {tps:,.1f} | {tps / base:.2f}x | {acceptance:.0%} | {per_pass:.2f} |")
-    costs[rows] = pass_cost(target, rows, K + 1, S) / pass_cost(target, rows, 1, S)
+        samplers[label] = Sampler(target.cfg, target.params, target.tokenizer, target.mesh)
+        speculative.speculate(samplers[label], proposer, K)
+      measured = rates(samplers, prompts, rows, args.new_tokens, args.repeats)
+      base = measured["plain"][0]
+      for label, (tps, acceptance, per_pass) in measured.items():
+        kept = f"{acceptance:.0%}" if label != "plain" else ""
+        print(f"| {rows} | {label} | {name} | {tps:,.1f} | {tps / base:.2f}x | {kept} | {per_pass:.2f} |")
+    costs[rows] = pass_cost(target, rows, K + 1, S)
   print("\ncost of one target pass of K+1 tokens relative to one of 1 token: "
         + ", ".join(f"batch {rows}: {c:.2f}x" for rows, c in costs.items()))
 

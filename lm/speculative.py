@@ -62,7 +62,8 @@ def accept(key_u_B: jax.Array, key_r_B: jax.Array, p_BxTxV: jax.Array, q_BxKxV: 
 
 class Ngram:
   """Prompt lookup: the K tokens that followed the most recent earlier occurrence of the row's last
-  n tokens (n from 3 down to 1) in its prompt and generated text, kept in a per-row history."""
+  n tokens (n from 3 down to 1) in its prompt and generated text, kept in a per-row history; where
+  they run past the row's end, the guesses so far continue the text."""
   name = "ngram"
 
   def __init__(self):
@@ -91,7 +92,11 @@ class Ngram:
       match_BxS &= (j_S[None] >= n) & (pos_B[:, None] >= n) & (jnp.roll(history_BxS, n, axis=1) == last_B)
       latest_B = jnp.max(jnp.where(match_BxS, j_S[None], -1), axis=1)
       found_B = jnp.where(latest_B >= 0, latest_B, found_B)
-    drafts_BxK = jnp.take_along_axis(history_BxS, jnp.clip(found_B[:, None] + 1 + jnp.arange(K), 0, S - 1), axis=1)
+    # What follows an occurrence ending at j runs into the guesses themselves past the row's end at
+    # pos: the text repeats with period pos - j (a loop, or a quote of what was just written).
+    period_B = jnp.maximum(pos_B - found_B, 1)
+    follow_BxK = found_B[:, None] + 1 + jnp.arange(K)[None] % period_B[:, None]
+    drafts_BxK = jnp.take_along_axis(history_BxS, jnp.clip(follow_BxK, 0, S - 1), axis=1)
     return drafts_BxK, jax.nn.one_hot(drafts_BxK, target.vocab, dtype=jnp.float32), state
 
   def record(self, state, tokens_BxT, pos_B):
@@ -156,7 +161,8 @@ class Speculation:
 
   def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, stop_ids, rounds):
     """`rounds` rounds for every slot; emits K+1 token places per round (the pending token and the
-    guesses), live where the row is live and the guess was kept. Done rows compute along but stand still."""
+    guesses), live where the row is live and the guess was kept. Done rows compute along but stand still,
+    and the chunk ends early once every row is done."""
     model = nnx.merge(target.graphdef, params)
     S, K = target_len(state), self.k
     knobs = (temperature, top_k, top_p)
@@ -189,9 +195,16 @@ class Speculation:
                        "pos": jnp.where(go, pos_B + n_B, pos_B), "count": jnp.where(go, count_B + n_B, count_B), "done": done}
       return state, emitted
 
-    state, emitted = jax.lax.scan(one, state, None, length=rounds)
+    # A round costs a pass of K+1 tokens: the chunk stops early once every row is done.
+    def body(carry):
+      i, state, out = carry
+      state, emitted = one(state, None)
+      return i + 1, state, tuple(jax.lax.dynamic_update_slice(o, e, (0, i * (K + 1))) for o, e in zip(out, emitted))
+
     B = state["token"].shape[0]
-    return state, *(jnp.swapaxes(x_RxBxT, 0, 1).reshape(B, -1) for x_RxBxT in emitted)
+    out = tuple(jnp.zeros((B, rounds * (K + 1)), dtype) for dtype in (jnp.int32, jnp.float32, jnp.bool_))
+    _, state, out = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~jnp.all(c[1]["done"]), body, (0, state, out))
+    return state, *out
 
   def decode_function(self, target: Sampler, B: int, S: int, rounds: int):
     """Compiled chunk of `rounds` rounds, called as the engine calls its decode chunk."""

@@ -1,6 +1,7 @@
 """Speculative decoding against the plain engine (greedy) and an exact enumeration (sampled)."""
 
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,22 +11,66 @@ from flax import nnx
 from lm import config, sharding, speculative
 from lm.model import Transformer
 from lm.sampler import Knobs, Request, Sampler
+from lm.train import Steps
 from tests.conftest import tiny_overrides
 from tests.test_sampler import JOB, make_sampler
 
 
-def smaller_draft(target: Sampler) -> Sampler:
-  """One layer where the target has two: the target's first block, embedding and head, so it agrees
-  with the target often but not always."""
-  cfg = config.load(None, tiny_overrides(**{"model.vocab_size": target.cfg.model.vocab_size, "model.num_layers": 1})
-                    + ["mesh.data=1", "mesh.fsdp=1"])
-  params = jax.tree.map(lambda x: x, target.params)
-  params["blocks"] = jax.tree.map(lambda x: x[:1], params["blocks"])
-  return Sampler(cfg, params, target.tokenizer, target.mesh)
+def distilled_draft(target: Sampler, sequences: list[list[int]], steps: int = 30) -> Sampler:
+  """A separate, smaller run (one layer, half the width, its own initialisation) trained in-process
+  with the trainer's step on the target's greedy continuations: it agrees with the target often, not
+  always."""
+  L = max(map(len, sequences))
+  cfg = config.load(None, tiny_overrides(**{
+      "model.vocab_size": target.cfg.model.vocab_size, "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2,
+      "model.num_kv_heads": 1, "model.d_ff": 64, "train.batch_size": len(sequences), "train.seq_len": L - 1,
+      "train.steps": steps, "train.warmup_steps": 1, "train.learning_rate": 1e-2}) + ["mesh.data=1", "mesh.fsdp=1"])
+  rows = np.zeros((len(sequences), L), np.int32)
+  for r, seq in enumerate(sequences):
+    rows[r, :len(seq)] = seq
+  real = (np.arange(1, L)[None] < np.array([len(s) for s in sequences])[:, None]).astype(np.int32)
+  trainer = Steps(cfg, target.mesh)
+  state, batch = trainer.init_state(1), trainer.shard_batch({
+      "inputs": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": real,
+      "positions": np.broadcast_to(np.arange(L - 1), real.shape).astype(np.int32)})
+  for _ in range(steps):
+    state, _ = trainer.train_step(state, batch)
+  return Sampler(cfg, state.params, target.tokenizer, target.mesh)
+
+
+def greedy_by_recompute(sampler: Sampler):
+  """(ids, n) -> n greedy tokens, each from a full forward pass over everything before it."""
+  forward = jax.jit(lambda params, tokens: nnx.merge(sampler.graphdef, params)(tokens)[0])
+
+  def extend(ids: list[int], n: int) -> list[int]:
+    seq = np.zeros((1, sampler.cfg.model.max_seq_len), np.int32)  # one shape; causality makes the zeros inert
+    seq[0, :len(ids)] = ids
+    for end in range(len(ids), len(ids) + n):
+      seq[0, end] = int(jnp.argmax(forward(sampler.params, seq)[end - 1, :sampler.vocab]))
+    return seq[0, len(ids):len(ids) + n].tolist()
+  return extend
+
+
+def replayed_rounds(requests: list[Request], propose, target_next, stops: list[int], K: int) -> tuple[int, int]:
+  """(accepted, proposed) guesses of greedy rounds replayed on the host: a round keeps the leading
+  guesses that agree with the target's greedy continuation, then the target's own token; a row ends
+  at a stop token or its budget."""
+  accepted = proposed = 0
+  for r in requests:
+    seq = target_next(r.ids, r.budget + K + 1)  # the pending token, then what the target writes after it
+    count = 0
+    while True:
+      guesses = propose(r.ids + seq[:count + 1], K)
+      kept = next((k for k in range(K) if guesses[k] != seq[count + 1 + k]), K)
+      accepted, proposed = accepted + kept, proposed + K
+      if set(seq[count:count + kept + 1]) & set(stops) or count + kept + 1 >= r.budget:
+        break
+      count += kept + 1
+  return accepted, proposed
 
 
 def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
-  """A smaller draft, the target as its own draft (every guess kept) and prompt lookup; rows stop at
+  """A separately trained smaller draft, the target as its own draft (every guess kept) and prompt lookup; rows stop at
   different points, more prompts than slots, several rounds per chunk."""
   target = make_sampler(tokenizer)
   n = 20
@@ -34,9 +79,14 @@ def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
   stops = sorted({plain[0].token_ids[5], plain[1].token_ids[9], tokenizer.eos_id})
   want = sorted(target.run(requests(), Knobs(), batch_size=3, chunk=5, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
   assert len({len(c.token_ids) for c in want}) > 2
+  draft = distilled_draft(target, [r.ids + c.token_ids for r, c in zip(requests(), plain)])
+  assert draft.cfg.model.d_model < target.cfg.model.d_model
+  target_next, draft_next = greedy_by_recompute(target), greedy_by_recompute(draft)
+  lookup = lambda ids, K: naive_lookup(ids, K) or [ids[k % len(ids)] for k in range(K)]  # no match: the row's start
   rates = {}
-  for name, proposer, k in [("smaller", speculative.Draft(smaller_draft(target)), 3),
-                            ("itself", speculative.Draft(target), 4), ("ngram", speculative.Ngram(), 3)]:
+  for name, proposer, propose, k in [("smaller", speculative.Draft(draft), draft_next, 3),
+                                     ("itself", speculative.Draft(target), target_next, 4),
+                                     ("ngram", speculative.Ngram(), lookup, 3)]:
     spec = Sampler(target.cfg, target.params, tokenizer, target.mesh)
     speculative.speculate(spec, proposer, k)
     got = sorted(spec.run(requests(), Knobs(), batch_size=3, chunk=2, stop_tokens=stops, logprobs=True), key=lambda c: c.index)
@@ -44,8 +94,37 @@ def test_greedy_speculation_equals_plain_greedy_token_for_token(tokenizer):
     np.testing.assert_allclose(sum((c.logprobs for c in got), []), sum((c.logprobs for c in want), []), atol=1e-4)
     assert spec.timing.decode_tokens == sum(len(c.token_ids) for c in want)
     rates[name] = spec.timing.accepted / spec.timing.proposed
+    assert (spec.timing.accepted, spec.timing.proposed) == replayed_rounds(requests(), propose, target_next, stops, k), name
   assert rates["itself"] == 1.0
   assert 0 < rates["smaller"] < 1 and 0 < rates["ngram"] < 1, rates  # kept and rejected guesses both seen
+
+
+def naive_lookup(seq: list[int], K: int) -> list[int] | None:
+  """The K tokens after the latest earlier occurrence of the last 3 (else 2, else 1) tokens, read
+  from the sequence as the guesses extend it."""
+  for n in (3, 2, 1):
+    ends = [j for j in range(n - 1, len(seq) - 1) if len(seq) >= n and seq[j - n + 1:j + 1] == seq[-n:]]
+    if ends:
+      out = list(seq)
+      for k in range(K):
+        out.append(out[max(ends) + 1 + k])
+      return out[len(seq):]
+  return None
+
+
+def test_ngram_proposes_what_followed_the_latest_longest_match():
+  """Random rows over 3 tokens: matches of every length, most ending close enough to the row's end
+  that the guesses run past it."""
+  rng = np.random.default_rng(0)
+  B, S, K = 64, 24, 5
+  history, pos = rng.integers(0, 3, (B, S)).astype(np.int32), rng.integers(0, S - K, B).astype(np.int32)
+  state = {"history": jnp.asarray(history), "pos": jnp.asarray(pos)}
+  drafts, q, _ = speculative.Ngram().propose(types.SimpleNamespace(vocab=3), {}, state, None, K, None)
+  for b in range(B):
+    want = naive_lookup(history[b, :pos[b] + 1].tolist(), K)
+    if want is not None:
+      assert np.asarray(drafts[b]).tolist() == want, (history[b, :pos[b] + 1], drafts[b], want)
+  np.testing.assert_array_equal(q, jax.nn.one_hot(drafts, 3))
 
 
 def tiny_vocab_model(seed: int, layers: int) -> Sampler:
