@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 
 from lm import config
 from lm.config import ConfigError, head_dim
@@ -34,7 +35,11 @@ CHIPS = {
 
 
 class DoesNotFit(ConfigError):
-  """The training step needs more memory per chip than the chip has."""
+  """The training step needs more memory per chip than the chip has: `total` bytes, where XLA names them."""
+
+  def __init__(self, message: str, total: float | None = None):
+    super().__init__(message)
+    self.total = total
 
 
 def topology_shape(name: str) -> tuple[str, tuple[int, ...]]:
@@ -102,36 +107,53 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
-  """The report of the largest batch, in steps of the data-parallel size, whose training step fits;
-  starts from the configured batch, doubles or halves, then bisects."""
+  """The report of the largest batch, in steps of the data-parallel size, whose training step fits,
+  with what one step more needs."""
   from lm import sharding
 
   unit = sharding.data_parallel_size(mesh, cfg.mesh.rules) * cfg.train.grad_accum
+  hbm = CHIPS[family][0]
   tried: dict[int, dict | DoesNotFit] = {}
 
-  def attempt(k: int) -> dict | DoesNotFit:
-    if k not in tried:
-      try:
-        tried[k] = compile_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=k * unit)),
-                                mesh, family, slices)
-      except DoesNotFit as e:
-        tried[k] = e
-    return tried[k]
+  def attempt(k: int) -> tuple[float, bool]:
+    try:
+      tried[k] = compile_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=k * unit)),
+                              mesh, family, slices)
+      return tried[k]["total"], True
+    except DoesNotFit as e:
+      tried[k] = e
+      return e.total or math.inf, False
 
-  lo = hi = max(1, cfg.train.batch_size // unit)
-  while isinstance(attempt(lo), DoesNotFit):
-    if lo == 1:
-      raise attempt(1)
-    hi, lo = lo, lo // 2
-  while hi == lo or not isinstance(attempt(hi), DoesNotFit):
-    lo, hi = hi, hi * 2
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (lo, mid) if isinstance(attempt(mid), DoesNotFit) else (mid, hi)
-  report = attempt(lo)
-  report["rows"] += [("largest batch that fits", f"{lo * unit} (searched in steps of {unit}); {attempt(hi)}"),
-                     ("overrides to use", f"train.batch_size={lo * unit}")]
+  k = largest_fitting(attempt, max(1, cfg.train.batch_size // unit), hbm)
+  if k == 0:
+    raise tried[1]
+  report = tried[k]
+  report["rows"] += [("largest batch that fits", f"{k * unit} (searched in steps of {unit}, {len(tried)} compiles); "
+                                                 f"{tried[k + 1]}"),
+                     ("overrides to use", f"train.batch_size={k * unit}")]
   return report
+
+
+def largest_fitting(attempt: Callable[[int], tuple[float, bool]], start: int, limit: float) -> int:
+  """The largest k >= 1 whose attempt fits, seen beside k + 1 not fitting (0 when 1 does not fit).
+  An attempt gives memory per chip, close to affine in k, so the line through the last two attempts
+  predicts k (the secant method); the guess is kept strictly between the largest k known to fit and
+  the smallest known not to, so every attempt narrows the search."""
+  known = {}
+  k = start
+  while True:
+    known[k] = attempt(k)
+    lo = max((j for j, (_, fits) in known.items() if fits), default=0)
+    hi = min((j for j, (_, fits) in known.items() if not fits), default=math.inf)
+    if hi == lo + 1:
+      return lo
+    guess = (lo + hi) / 2 if hi < math.inf else 2 * lo
+    if len(known) > 1:
+      (a, (at_a, _)), (b, (at_b, _)) = list(known.items())[-2:]
+      slope = (at_b - at_a) / (b - a)
+      if 0 < slope < math.inf:
+        guess = a + (limit - at_a) / slope
+    k = min(max(math.floor(guess), lo + 1), hi - 1)
 
 
 def sample_shape(text: str) -> tuple[int, int, int]:
@@ -201,9 +223,11 @@ def compile_within(lowered, arguments: int, hbm: int, family: str, batch: int):
       raise
     scale = lambda number, unit: float(number) * (1 << 10 * "BKMGT".index(unit or "B"))
     if used := re.search(r"Used ([\d.]+)([KMGT])?B? of", message):
-      raise DoesNotFit(needs(batch, scale(*used.groups()), hbm, family)) from None
+      total = scale(*used.groups())
+      raise DoesNotFit(needs(batch, total, hbm, family), total) from None
     if temps := re.search(r"HLO temporaries \(([\d.]+)([KMGT])?B?\)", message):
-      raise DoesNotFit(needs(batch, scale(*temps.groups()) + arguments, hbm, family)) from None
+      total = scale(*temps.groups()) + arguments
+      raise DoesNotFit(needs(batch, total, hbm, family), total) from None
     raise DoesNotFit(f"train.batch_size={batch} does not fit a {family} chip: {message.splitlines()[0]}") from None
 
 
@@ -241,7 +265,7 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   cost = cost[0] if isinstance(cost, list) else cost
   memory, fits, total = memory_rows(compiled, hbm)
   if not fits:
-    raise DoesNotFit(needs(B, total, hbm, family))
+    raise DoesNotFit(needs(B, total, hbm, family), total)
   n = mesh.devices.size
   seconds = float(cost.get("optimal_seconds", float("nan")))
   xla_flops = float(cost.get("flops", float("nan")))
@@ -263,7 +287,7 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
       ("implied MFU", f"{100 * xla_flops / seconds / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (XLA FLOPs / XLA time)"
        if seconds > 0 else "n/a"),
   ]
-  return {"rows": rows, "fits": fits}
+  return {"rows": rows, "fits": fits, "total": total}
 
 
 COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-done)?\(")
