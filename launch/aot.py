@@ -7,7 +7,7 @@ MFU they imply (both count the layer scan's body once, so no tokens/s is derived
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
 its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them). Exits 1 when either does not fit; a training step that does not fit is one line,
 what it needs per chip against what the chip has. --fit searches the largest train.batch_size that
-fits and prints it as the override to use.
+fits with full remat, then the cheapest model.remat that fits it, and prints them as the overrides to use.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--topology", required=True, help="v4-N, v5e-N, v5p-N or v6e-N")
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--sample", metavar="ROWS,PROMPT,NEW", help="also compile the sampler for this batch")
-  parser.add_argument("--fit", action="store_true", help="search the largest train.batch_size that fits")
+  parser.add_argument("--fit", action="store_true", help="search the largest train.batch_size and cheapest model.remat that fit")
   parser.add_argument("--quantize", metavar="int8", help="the sampler's weights: weight-only int8")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_intermixed_args(argv)
@@ -106,32 +106,51 @@ def main(argv: list[str] | None = None) -> int:
   return 0 if all(r["fits"] for r in reports) else 1
 
 
+# model.remat policies, the least recomputed in the backward pass (and the most memory kept) first
+REMAT_BY_COST = ("none", "save_matmuls", "full")
+
+
 def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
-  """The report of the largest batch, in steps of the data-parallel size, whose training step fits,
-  with what one step more needs."""
+  """The report of the largest batch, in steps of the data-parallel size, whose training step fits
+  with full remat (the least memory), with what one step more needs; then of the cheapest remat
+  policy that fits that batch."""
   from lm import sharding
 
   unit = sharding.data_parallel_size(mesh, cfg.mesh.rules) * cfg.train.grad_accum
-  hbm = CHIPS[family][0]
   tried: dict[int, dict | DoesNotFit] = {}
 
   def attempt(k: int) -> tuple[float, bool]:
     try:
-      tried[k] = compile_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=k * unit)),
-                              mesh, family, slices)
-      return tried[k]["total"], True
+      tried[k] = compile_step(with_settings(cfg, k * unit, "full"), mesh, family, slices)
+      total, fits = tried[k]["total"], True
     except DoesNotFit as e:
       tried[k] = e
-      return e.total or math.inf, False
+      total, fits = e.total or math.inf, False
+    # each compile of a large model takes minutes: say where the search is
+    print(f"train.batch_size={k * unit} fits in {size(total)} per chip" if fits else tried[k], file=sys.stderr, flush=True)
+    return total, fits
 
-  k = largest_fitting(attempt, max(1, cfg.train.batch_size // unit), hbm)
+  k = largest_fitting(attempt, max(1, cfg.train.batch_size // unit), CHIPS[family][0])
   if k == 0:
     raise tried[1]
-  report = tried[k]
-  report["rows"] += [("largest batch that fits", f"{k * unit} (searched in steps of {unit}, {len(tried)} compiles); "
+  batch, report, remat, cheaper = k * unit, tried[k], "full", []
+  for policy in REMAT_BY_COST[:-1]:
+    try:
+      report, remat = compile_step(with_settings(cfg, batch, policy), mesh, family, slices), policy
+      break
+    except DoesNotFit as e:
+      cheaper.append(f"model.remat={policy}: {e}")
+      print(cheaper[-1], file=sys.stderr, flush=True)
+  report["rows"] += [("largest batch that fits", f"{batch} (searched in steps of {unit}, full remat, {len(tried)} compiles); "
                                                  f"{tried[k + 1]}"),
-                     ("overrides to use", f"train.batch_size={k * unit}")]
+                     *[("cheaper remat", line) for line in cheaper],
+                     ("overrides to use", f"train.batch_size={batch} model.remat={remat}")]
   return report
+
+
+def with_settings(cfg: config.Config, batch: int, remat: str) -> config.Config:
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch),
+                             model=dataclasses.replace(cfg.model, remat=remat))
 
 
 def largest_fitting(attempt: Callable[[int], tuple[float, bool]], start: int, limit: float) -> int:

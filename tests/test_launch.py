@@ -1,6 +1,7 @@
 """Cluster launch scripts (dry runs) and the ahead-of-time TPU compile."""
 
 import contextlib
+import math
 import os
 import re
 import signal
@@ -170,14 +171,40 @@ def test_aot_fit_finds_a_batch_that_fits_where_twice_it_does_not():
           "model.d_model=64", "model.d_ff=128", "model.max_seq_len=4096", "train.seq_len=4096", "model.attention=xla"]
   fit = launch("aot", *base, "train.batch_size=8", "--fit")
   assert fit.returncode == 0, fit.stderr
-  batch = int(re.search(r"^overrides to use\s+train.batch_size=(\d+)$", fit.stdout, re.M).group(1))
+  batch, remat = re.search(r"^overrides to use\s+train.batch_size=(\d+) model.remat=(\w+)$", fit.stdout, re.M).groups()
+  batch = int(batch)
   assert batch == 4 and re.search(rf"^batch\s+{batch} x 4096 tokens", fit.stdout, re.M)
+  # the logits dominate, so no remat (the cheapest) fits the batch full remat fits, and the table is for it
+  assert remat == "none" and re.search(r"^model\s+.*, remat none$", fit.stdout, re.M)
   assert re.search(r"^total per chip .*: fits$", fit.stdout, re.M)
   twice = launch("aot", *base, f"train.batch_size={2 * batch}")
   assert twice.returncode == 1 and "Traceback" not in twice.stderr
   assert re.fullmatch(rf"error: train.batch_size={2 * batch} needs ([\d.]+) GB per chip, a v5e chip has 17.18 GB",
                       twice.stderr.strip())
   assert float(re.search(r"needs ([\d.]+) GB", twice.stderr).group(1)) > 17.18
+
+
+@pytest.mark.parametrize("memory, start, most", [
+    # the 7B preset on v5p-8 (GB per chip, near affine), from its configured batch; bisecting takes 9 compiles
+    (lambda k: 32.6 + 1.03 * (k - 1), 256, 4),
+    (lambda k: 32.6 + 1.03 * (k - 1), 1, 4),
+    (lambda k: 2 * k * k / 10, 4, 10),  # far from affine
+    (lambda k: 2 * k * k / 10 if k < 50 else math.inf, 400, 10),  # XLA names no size past 50
+    (lambda k: 200, 4, 3),  # nothing fits
+])
+def test_the_fit_search_agrees_with_a_scan_in_few_compiles(memory, start, most):
+  from launch.aot import largest_fitting
+
+  attempts = []
+
+  def attempt(k: int) -> tuple[float, bool]:
+    attempts.append(k)
+    return memory(k), memory(k) <= 102
+
+  found = largest_fitting(attempt, start, 102)
+  assert found == max((k for k in range(1, 1000) if memory(k) <= 102), default=0)
+  assert {found, found + 1} - {0} <= set(attempts)  # the answer and one more were tried, not just predicted
+  assert len(attempts) <= most
 
 
 def test_aot_errors(tmp_path):
