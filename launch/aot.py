@@ -127,7 +127,8 @@ def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
       tried[k] = e
       total, fits = e.total or math.inf, False
     # each compile of a large model takes minutes: say where the search is
-    print(f"train.batch_size={k * unit} fits in {size(total)} per chip" if fits else tried[k], file=sys.stderr, flush=True)
+    print(f"train.batch_size={k * unit} fits in {size(total)} per chip" if fits else tried[k], file=sys.stderr,
+          flush=True)
     return total, fits
 
   k = largest_fitting(attempt, max(1, cfg.train.batch_size // unit), CHIPS[family][0])
@@ -141,8 +142,8 @@ def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
     except DoesNotFit as e:
       cheaper.append(f"model.remat={policy}: {e}")
       print(cheaper[-1], file=sys.stderr, flush=True)
-  report["rows"] += [("largest batch that fits", f"{batch} (searched in steps of {unit}, full remat, {len(tried)} compiles); "
-                                                 f"{tried[k + 1]}"),
+  report["rows"] += [("largest batch that fits",
+                      f"{batch} (searched in steps of {unit}, full remat, {len(tried)} compiles); {tried[k + 1]}"),
                      *[("cheaper remat", line) for line in cheaper],
                      ("overrides to use", f"train.batch_size={batch} model.remat={remat}")]
   return report
