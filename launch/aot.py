@@ -131,7 +131,7 @@ def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
           flush=True)
     return total, fits
 
-  k = largest_fitting(attempt, max(1, cfg.train.batch_size // unit), CHIPS[family][0])
+  k = largest_fitting(attempt, CHIPS[family][0])
   if k == 0:
     raise tried[1]
   batch, report, remat, cheaper = k * unit, tried[k], "full", []
@@ -154,13 +154,14 @@ def with_settings(cfg: config.Config, batch: int, remat: str) -> config.Config:
                              model=dataclasses.replace(cfg.model, remat=remat))
 
 
-def largest_fitting(attempt: Callable[[int], tuple[float, bool]], start: int, limit: float) -> int:
+def largest_fitting(attempt: Callable[[int], tuple[float, bool]], limit: float) -> int:
   """The largest k >= 1 whose attempt fits, seen beside k + 1 not fitting (0 when 1 does not fit).
   An attempt gives memory per chip, close to affine in k, so the line through the last two attempts
   predicts k (the secant method); the guess is kept strictly between the largest k known to fit and
-  the smallest known not to, so every attempt narrows the search."""
+  the smallest known not to, so every attempt narrows the search. It starts at 1 and 2: small
+  batches compile fastest, while XLA can spend far longer on one far beyond the chip's memory."""
   known = {}
-  k = start
+  k = 1
   while True:
     known[k] = attempt(k)
     lo = max((j for j, (_, fits) in known.items() if fits), default=0)
