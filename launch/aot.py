@@ -106,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
   return 0 if all(r["fits"] for r in reports) else 1
 
 
-# model.remat policies, the least recomputed in the backward pass (and the most memory kept) first
-REMAT_BY_COST = ("none", "save_matmuls", "full")
+# model.remat policies, the most recomputed in the backward pass (and the least memory kept) first
+REMAT_BY_MEMORY = ("full", "save_matmuls", "none")
 
 
 def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   """The report of the largest batch, in steps of the data-parallel size, whose training step fits
   with full remat (the least memory), with what one step more needs; then of the cheapest remat
-  policy that fits that batch."""
+  policy (the one recomputing least) that fits that batch."""
   from lm import sharding
 
   unit = sharding.data_parallel_size(mesh, cfg.mesh.rules) * cfg.train.grad_accum
@@ -135,13 +135,14 @@ def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   if k == 0:
     raise tried[1]
   batch, report, remat, cheaper = k * unit, tried[k], "full", []
-  for policy in REMAT_BY_COST[:-1]:
+  # each policy keeps more than the one before, so the first that does not fit ends the search
+  for policy in REMAT_BY_MEMORY[1:]:
     try:
       report, remat = compile_step(with_settings(cfg, batch, policy), mesh, family, slices), policy
-      break
     except DoesNotFit as e:
       cheaper.append(f"model.remat={policy}: {e}")
       print(cheaper[-1], file=sys.stderr, flush=True)
+      break
   report["rows"] += [("largest batch that fits",
                       f"{batch} (searched in steps of {unit}, full remat, {len(tried)} compiles); {tried[k + 1]}"),
                      *[("cheaper remat", line) for line in cheaper],
