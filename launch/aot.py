@@ -7,7 +7,7 @@ MFU they imply (both count the layer scan's body once, so no tokens/s is derived
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
 its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them). Exits 1 when either does not fit; a training step that does not fit is one line,
 what it needs per chip against what the chip has. --fit searches the largest train.batch_size that
-fits with full remat, then the cheapest model.remat that fits it, and prints them as the overrides to use.
+fits with the configured model.remat, then the cheapest remat that fits it, and prints them as the overrides to use.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ REMAT_BY_MEMORY = ("full", "save_matmuls", "none")
 
 def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   """The report of the largest batch, in steps of the data-parallel size, whose training step fits
-  with full remat (the least memory), with what one step more needs; then of the cheapest remat
-  policy (the one recomputing least) that fits that batch."""
+  with the configured remat, with what one step more needs; then of the cheapest remat policy (the
+  one recomputing least) that fits that batch."""
   from lm import sharding
 
   unit = sharding.data_parallel_size(mesh, cfg.mesh.rules) * cfg.train.grad_accum
@@ -121,7 +121,7 @@ def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
 
   def attempt(k: int) -> tuple[float, bool]:
     try:
-      tried[k] = compile_step(with_settings(cfg, k * unit, "full"), mesh, family, slices)
+      tried[k] = compile_step(with_settings(cfg, k * unit, cfg.model.remat), mesh, family, slices)
       total, fits = tried[k]["total"], True
     except DoesNotFit as e:
       tried[k] = e
@@ -134,9 +134,9 @@ def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   k = largest_fitting(attempt, CHIPS[family][0])
   if k == 0:
     raise tried[1]
-  batch, report, remat, cheaper = k * unit, tried[k], "full", []
+  batch, report, remat, cheaper = k * unit, tried[k], cfg.model.remat, []
   # each policy keeps more than the one before, so the first that does not fit ends the search
-  for policy in REMAT_BY_MEMORY[1:]:
+  for policy in REMAT_BY_MEMORY[REMAT_BY_MEMORY.index(remat) + 1:]:
     try:
       report, remat = compile_step(with_settings(cfg, batch, policy), mesh, family, slices), policy
     except DoesNotFit as e:
@@ -144,7 +144,8 @@ def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
       print(cheaper[-1], file=sys.stderr, flush=True)
       break
   report["rows"] += [("largest batch that fits",
-                      f"{batch} (searched in steps of {unit}, full remat, {len(tried)} compiles); {tried[k + 1]}"),
+                      f"{batch} (searched in steps of {unit}, remat {cfg.model.remat}, {len(tried)} compiles); "
+                      f"{tried[k + 1]}"),
                      *[("cheaper remat", line) for line in cheaper],
                      ("overrides to use", f"train.batch_size={batch} model.remat={remat}")]
   return report

@@ -170,13 +170,15 @@ def test_aot_fit_finds_a_batch_that_fits_where_twice_it_does_not():
   # logits of a 512k vocabulary dominate: about 10 GB per row of 4096 tokens, on 16 GiB chips
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=524288", "model.num_layers=1",
           "model.d_model=64", "model.d_ff=128", "model.max_seq_len=4096", "train.seq_len=4096", "model.attention=xla"]
-  fit = launch("aot", *base, "train.batch_size=8", "--fit")
+  fit = launch("aot", *base, "train.batch_size=8", "model.remat=save_matmuls", "--fit")
   assert fit.returncode == 0, fit.stderr
   batch, remat = re.search(r"^overrides to use\s+train.batch_size=(\d+) model.remat=(\w+)$", fit.stdout, re.M).groups()
   batch = int(batch)
   assert batch == 4 and re.search(rf"^batch\s+{batch} x 4096 tokens", fit.stdout, re.M)
-  # the logits dominate, so no remat (the cheapest) fits the batch full remat fits, and the table is for it
+  # the logits dominate, so no remat (the cheapest) fits the batch save_matmuls fits, and the table is for it
   assert remat == "none" and re.search(r"^model\s+.*, remat none$", fit.stdout, re.M)
+  assert re.search(r"^largest batch that fits\s+4 \(searched in steps of 4, remat save_matmuls, 2 compiles\); "
+                   r"train.batch_size=8 needs [\d.]+ GB per chip", fit.stdout, re.M)
   assert re.search(r"^total per chip .*: fits$", fit.stdout, re.M)
   twice = launch("aot", *base, f"train.batch_size={2 * batch}")
   assert twice.returncode == 1 and "Traceback" not in twice.stderr
