@@ -7,7 +7,7 @@ MFU they imply (both count the layer scan's body once, so no tokens/s is derived
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
 its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them). Exits 1 when either does not fit; a training step that does not fit is one line,
 what it needs per chip against what the chip has. --fit searches the largest train.batch_size that
-fits and prints it as the override to use.
+fits with the configured model.remat, then the cheapest remat that fits it, and prints them as the overrides to use.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 
 from lm import config
 from lm.config import ConfigError, head_dim
@@ -34,7 +35,11 @@ CHIPS = {
 
 
 class DoesNotFit(ConfigError):
-  """The training step needs more memory per chip than the chip has."""
+  """The training step needs more memory per chip than the chip has: `total` bytes, where XLA names them."""
+
+  def __init__(self, message: str, total: float | None = None):
+    super().__init__(message)
+    self.total = total
 
 
 def topology_shape(name: str) -> tuple[str, tuple[int, ...]]:
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--topology", required=True, help="v4-N, v5e-N, v5p-N or v6e-N")
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--sample", metavar="ROWS,PROMPT,NEW", help="also compile the sampler for this batch")
-  parser.add_argument("--fit", action="store_true", help="search the largest train.batch_size that fits")
+  parser.add_argument("--fit", action="store_true", help="search the largest train.batch_size and cheapest model.remat that fit")
   parser.add_argument("--quantize", metavar="int8", help="the sampler's weights: weight-only int8")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_intermixed_args(argv)
@@ -101,37 +106,77 @@ def main(argv: list[str] | None = None) -> int:
   return 0 if all(r["fits"] for r in reports) else 1
 
 
+# model.remat policies, the most recomputed in the backward pass (and the least memory kept) first
+REMAT_BY_MEMORY = ("full", "save_matmuls", "none")
+
+
 def fit_batch(cfg: config.Config, mesh, family: str, slices: int) -> dict:
-  """The report of the largest batch, in steps of the data-parallel size, whose training step fits;
-  starts from the configured batch, doubles or halves, then bisects."""
+  """The report of the largest batch, in steps of the data-parallel size, whose training step fits
+  with the configured remat, with what one step more needs; then of the cheapest remat policy (the
+  one recomputing least) that fits that batch."""
   from lm import sharding
 
   unit = sharding.data_parallel_size(mesh, cfg.mesh.rules) * cfg.train.grad_accum
   tried: dict[int, dict | DoesNotFit] = {}
 
-  def attempt(k: int) -> dict | DoesNotFit:
-    if k not in tried:
-      try:
-        tried[k] = compile_step(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=k * unit)),
-                                mesh, family, slices)
-      except DoesNotFit as e:
-        tried[k] = e
-    return tried[k]
+  def attempt(k: int) -> tuple[float, bool]:
+    try:
+      tried[k] = compile_step(with_settings(cfg, k * unit, cfg.model.remat), mesh, family, slices)
+      total, fits = tried[k]["total"], True
+    except DoesNotFit as e:
+      tried[k] = e
+      total, fits = e.total or math.inf, False
+    # each compile of a large model takes minutes: say where the search is
+    print(f"train.batch_size={k * unit} fits in {size(total)} per chip" if fits else tried[k], file=sys.stderr,
+          flush=True)
+    return total, fits
 
-  lo = hi = max(1, cfg.train.batch_size // unit)
-  while isinstance(attempt(lo), DoesNotFit):
-    if lo == 1:
-      raise attempt(1)
-    hi, lo = lo, lo // 2
-  while hi == lo or not isinstance(attempt(hi), DoesNotFit):
-    lo, hi = hi, hi * 2
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    lo, hi = (lo, mid) if isinstance(attempt(mid), DoesNotFit) else (mid, hi)
-  report = attempt(lo)
-  report["rows"] += [("largest batch that fits", f"{lo * unit} (searched in steps of {unit}); {attempt(hi)}"),
-                     ("overrides to use", f"train.batch_size={lo * unit}")]
+  k = largest_fitting(attempt, CHIPS[family][0])
+  if k == 0:
+    raise tried[1]
+  batch, report, remat, cheaper = k * unit, tried[k], cfg.model.remat, []
+  # each policy keeps more than the one before, so the first that does not fit ends the search
+  for policy in REMAT_BY_MEMORY[REMAT_BY_MEMORY.index(remat) + 1:]:
+    try:
+      report, remat = compile_step(with_settings(cfg, batch, policy), mesh, family, slices), policy
+    except DoesNotFit as e:
+      cheaper.append(f"model.remat={policy}: {e}")
+      print(cheaper[-1], file=sys.stderr, flush=True)
+      break
+  report["rows"] += [("largest batch that fits",
+                      f"{batch} (searched in steps of {unit}, remat {cfg.model.remat}, {len(tried)} compiles); "
+                      f"{tried[k + 1]}"),
+                     *[("cheaper remat", line) for line in cheaper],
+                     ("overrides to use", f"train.batch_size={batch} model.remat={remat}")]
   return report
+
+
+def with_settings(cfg: config.Config, batch: int, remat: str) -> config.Config:
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch),
+                             model=dataclasses.replace(cfg.model, remat=remat))
+
+
+def largest_fitting(attempt: Callable[[int], tuple[float, bool]], limit: float) -> int:
+  """The largest k >= 1 whose attempt fits, seen beside k + 1 not fitting (0 when 1 does not fit).
+  An attempt gives memory per chip, close to affine in k, so the line through the last two attempts
+  predicts k (the secant method); the guess is kept strictly between the largest k known to fit and
+  the smallest known not to, so every attempt narrows the search. It starts at 1 and 2: small
+  batches compile fastest, while XLA can spend far longer on one far beyond the chip's memory."""
+  known = {}
+  k = 1
+  while True:
+    known[k] = attempt(k)
+    lo = max((j for j, (_, fits) in known.items() if fits), default=0)
+    hi = min((j for j, (_, fits) in known.items() if not fits), default=math.inf)
+    if hi == lo + 1:
+      return lo
+    guess = (lo + hi) / 2 if hi < math.inf else 2 * lo
+    if len(known) > 1:
+      (a, (at_a, _)), (b, (at_b, _)) = list(known.items())[-2:]
+      slope = (at_b - at_a) / (b - a)
+      if 0 < slope < math.inf:
+        guess = a + (limit - at_a) / slope
+    k = min(max(math.floor(guess), lo + 1), hi - 1)
 
 
 def sample_shape(text: str) -> tuple[int, int, int]:
@@ -201,9 +246,11 @@ def compile_within(lowered, arguments: int, hbm: int, family: str, batch: int):
       raise
     scale = lambda number, unit: float(number) * (1 << 10 * "BKMGT".index(unit or "B"))
     if used := re.search(r"Used ([\d.]+)([KMGT])?B? of", message):
-      raise DoesNotFit(needs(batch, scale(*used.groups()), hbm, family)) from None
+      total = scale(*used.groups())
+      raise DoesNotFit(needs(batch, total, hbm, family), total) from None
     if temps := re.search(r"HLO temporaries \(([\d.]+)([KMGT])?B?\)", message):
-      raise DoesNotFit(needs(batch, scale(*temps.groups()) + arguments, hbm, family)) from None
+      total = scale(*temps.groups()) + arguments
+      raise DoesNotFit(needs(batch, total, hbm, family), total) from None
     raise DoesNotFit(f"train.batch_size={batch} does not fit a {family} chip: {message.splitlines()[0]}") from None
 
 
@@ -241,7 +288,7 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   cost = cost[0] if isinstance(cost, list) else cost
   memory, fits, total = memory_rows(compiled, hbm)
   if not fits:
-    raise DoesNotFit(needs(B, total, hbm, family))
+    raise DoesNotFit(needs(B, total, hbm, family), total)
   n = mesh.devices.size
   seconds = float(cost.get("optimal_seconds", float("nan")))
   xla_flops = float(cost.get("flops", float("nan")))
@@ -263,7 +310,7 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
       ("implied MFU", f"{100 * xla_flops / seconds / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (XLA FLOPs / XLA time)"
        if seconds > 0 else "n/a"),
   ]
-  return {"rows": rows, "fits": fits}
+  return {"rows": rows, "fits": fits, "total": total}
 
 
 COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-done)?\(")
