@@ -164,7 +164,7 @@ class Sampler:
     if quantize:
       self.graphdef, self.params = quantized(params, cfg.model, mesh, self.rules, quantize)
     self.rows_multiple = sharding.data_parallel_size(mesh, self.rules)
-    self.cache_sharding = sharding.named(mesh, ("layers", "batch", None, "kv_heads", None), self.rules)
+    self.cache_sharding = sharding.named(mesh, ("layers", "batch", "kv_heads", None, None), self.rules)
     self.compiled: dict[tuple, Any] = {}
     self.timing = Timing()
     self.step: int | None = None  # the checkpoint's, when restored from one
@@ -222,7 +222,7 @@ class Sampler:
   # the next cache position, how many tokens the row has drawn before it, whether it is done, its key.
   def abstract_state(self, B: int, S: int) -> dict[str, Any]:
     m = self.cfg.model
-    cache = jax.ShapeDtypeStruct((m.num_layers, B, S, m.num_kv_heads, config.head_dim(m)), jnp.dtype(m.dtype),
+    cache = jax.ShapeDtypeStruct((m.num_layers, B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype),
                                  sharding=self.cache_sharding)
     row = lambda dtype, *shape: jax.ShapeDtypeStruct(
         (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
@@ -238,10 +238,10 @@ class Sampler:
     model = nnx.merge(self.graphdef, params)
     segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
     with sharding.activation_rules(self.mesh, self.rules):
-      logits, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)))
-    cache = tuple(jax.lax.with_sharding_constraint(c.at[:, slots_R, :P].set(new.astype(c.dtype), mode="drop"),
-                                                   self.cache_sharding) for c, new in zip(cache, kv))
-    return jnp.take_along_axis(logits, (lengths_R - 1)[:, None, None], axis=1)[:, 0], cache
+      last_RxV, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)), lengths_R - 1)
+    write = lambda c, new_LxRxPxKxH: c.at[:, slots_R, :, :P].set(new_LxRxPxKxH.swapaxes(2, 3).astype(c.dtype), mode="drop")
+    cache = tuple(jax.lax.with_sharding_constraint(write(c, new), self.cache_sharding) for c, new in zip(cache, kv))
+    return last_RxV, cache
 
   def empty_state(self, B: int, S: int) -> dict[str, Any]:
     """Every slot free (done), allocated in place with its sharding."""
@@ -267,7 +267,7 @@ class Sampler:
     """`steps` decode steps for every slot; emits each step's token, its log-probability and whether
     it belongs to a live row. Done rows compute along but stand still."""
     model = nnx.merge(self.graphdef, params)
-    S = state["cache"][0].shape[2]
+    S = state["cache"][0].shape[3]
 
     def step(state, _):
       token, pos, count = state["token"], state["pos"], state["count"]

@@ -62,9 +62,11 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
   tokens = jnp.asarray(rng.integers(0, tokenizer.vocab_size, (2, 20)), jnp.int32)
   full = model(tokens)
   prompt, S = 8, 20
-  _, (k, v) = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)))
-  pad = [(0, 0), (0, 0), (0, S - prompt), (0, 0), (0, 0)]
-  cache = (jnp.pad(k, pad), jnp.pad(v, pad))
+  last = jnp.array([prompt - 1, 3])  # the prefill's logits at one position per row
+  logits, (k, v) = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)), last)
+  np.testing.assert_allclose(logits, full[jnp.arange(2), last], atol=1e-4)
+  pad = [(0, 0), (0, 0), (0, 0), (0, S - prompt), (0, 0)]  # the cache is [layers, B, kv_heads, S, head_dim]
+  cache = (jnp.pad(k.swapaxes(2, 3), pad), jnp.pad(v.swapaxes(2, 3), pad))
   for t in range(prompt, S):
     visible = jnp.broadcast_to(jnp.arange(S) <= t, (2, 1, S))
     logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), cache, t, visible)
