@@ -315,9 +315,10 @@ class Sampler:
                          jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps)
 
   def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int = 16,
-          stop_tokens: Sequence[int] = (), logprobs: bool = False, static: bool = False) -> Iterator[Completion]:
-    """Completions in the order they finish. `static` batches as a fixed-batch sampler does: new
-    prompts enter only when every slot is free, and each batch runs its whole token budget."""
+          stop_tokens: Sequence[int] = (), logprobs: bool = False, static: int = 0) -> Iterator[Completion]:
+    """Completions in the order they finish. `static` > 0 batches as a fixed-batch sampler does (the
+    benchmark's baseline): new prompts enter only when every slot is free, and each batch runs
+    `static` decode steps (its max_new_tokens) however early its rows stop."""
     waiting = collections.deque(requests)
     if not waiting:
       return
@@ -330,7 +331,7 @@ class Sampler:
     decode = self.speculation.decode_function(self, B, S, chunk) if self.speculation else self.decode_function(B, S, chunk)
     state = self.empty_state(B, S)
     slots: list[Slot | None] = [None] * B
-    steps_in_batch = batch_steps = 0  # static: a batch runs for its longest budget
+    steps_in_batch = 0
     while waiting or any(slots):
       free = [s for s, slot in enumerate(slots) if slot is None]
       if waiting and free and (not static or len(free) == B):
@@ -338,7 +339,7 @@ class Sampler:
         state = self._insert(state, batch, free, knobs, B, S)
         for s, request in zip(free, batch):
           slots[s] = Slot(request)
-        steps_in_batch, batch_steps = 0, max(r.budget for r in batch)
+        steps_in_batch = 0
       start = time.perf_counter()
       state, ids, lps, live = decode(self.params, state, *knobs.arrays(), stop_ids)
       ids, lps, live = multihost_utils.process_allgather((ids, lps, live), tiled=True)
@@ -352,7 +353,7 @@ class Sampler:
         if not slot.finished and (reason := self._take(slot, ids[s][live[s]], lps[s][live[s]], stops)):
           slot.finished = True
           yield self._completion(slot, reason, logprobs)
-        if slot.finished and (not static or steps_in_batch >= batch_steps):  # static: the batch frees its slots together
+        if slot.finished and steps_in_batch >= static:  # static: the batch frees its slots together
           slots[s] = None
 
   def _insert(self, state, batch: list[Request], free: list[int], knobs: Knobs, B: int, S: int):

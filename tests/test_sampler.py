@@ -110,7 +110,7 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
     stops = {want[0][3], want[1][6], want[2][1], tokenizer.eos_id}  # rows end at different points
     want = [until_stop(w, stops) for w in want]
     assert len({len(w) for w in want}) > 2
-    for batch_size, chunk, static in [(2, 4, False), (4, 7, False), (4, 7, True)]:
+    for batch_size, chunk, static in [(2, 4, 0), (4, 7, 0), (4, 7, n)]:
       sampler.timing = type(sampler.timing)()
       got = list(sampler.run(sampler.requests(JOB, 1, n), Knobs(**knobs), batch_size=batch_size, chunk=chunk,
                              stop_tokens=sorted(stops), static=static))
