@@ -174,15 +174,16 @@ class Sampler:
   def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
                    overrides: Sequence[str] = (), quantize: str | None = None) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
-    mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it."""
+    mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it, and
+    `sample.*` ones the sampling settings."""
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
     cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, jax.device_count()), rules=cfg.mesh.rules)
     for item in overrides:
       key, sep, value = item.partition("=")
-      if not key.startswith("mesh.") or not sep:
-        raise ConfigError(f"override '{item}' is not a mesh.KEY=VALUE setting (sampling takes mesh.data, mesh.fsdp, mesh.tensor, mesh.rules)")
+      if not key.startswith(("mesh.", "sample.")) or not sep:
+        raise ConfigError(f"override '{item}' is not a mesh.KEY=VALUE or sample.KEY=VALUE setting (sampling takes mesh.data, mesh.fsdp, mesh.tensor, mesh.rules, sample.chunk)")
       config.set_key(cfg, key, yaml.safe_load(value))
     tokenizer_path = run_tokenizer(workdir, meta)
     recorded = meta["tokenizer"].get("sha256")
@@ -314,11 +315,13 @@ class Sampler:
                          self.abstract_state(B, S), *self._knob_shapes(),
                          jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps)
 
-  def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int = 16,
+  def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int | None = None,
           stop_tokens: Sequence[int] = (), logprobs: bool = False, static: int = 0) -> Iterator[Completion]:
     """Completions in the order they finish. `static` > 0 batches as a fixed-batch sampler does (the
     benchmark's baseline): new prompts enter only when every slot is free, and each batch runs
-    `static` decode steps (its max_new_tokens) however early its rows stop."""
+    `static` decode steps (its max_new_tokens) however early its rows stop. `chunk`: decode steps
+    per compiled call, by default the config's `sample.chunk`."""
+    chunk = chunk or self.cfg.sample.chunk
     waiting = collections.deque(requests)
     if not waiting:
       return
@@ -399,7 +402,7 @@ class Sampler:
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-               batch_size: int = 16, chunk: int = 16, logprobs: bool = False, stop_tokens: Sequence[int] = ()
+               batch_size: int = 16, chunk: int | None = None, logprobs: bool = False, stop_tokens: Sequence[int] = ()
                ) -> list[Completion]:
     """`num_samples` completions per prompt, in prompt order. Sample j of prompt i draws from its own
     key (seed, i, j), so it does not depend on batching."""

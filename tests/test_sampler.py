@@ -289,7 +289,7 @@ def test_cli_missing_workdir(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
-  """SIGKILL part-way, a torn last line, then the same command (other slots and chunk) finishes the
+  """SIGKILL part-way, a torn last line, then the same command (other slots and sample.chunk) finishes the
   file: every (index, sample) once, equal to an uninterrupted run. Other knobs refuse in one line."""
   prompts = [f"def f{i}(x):" + " x" * (i % 7) for i in range(150)]
   (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -306,7 +306,7 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
   assert 20 <= lines < 1 + 2 * len(prompts)
   with out.open("a") as f:
     f.write('{"index": 7, "sample": 1, "prompt": "def f7')  # what a kill mid-write leaves
-  done = sample_cli(*args, "--batch-size", "8", "--chunk", "5")
+  done = sample_cli(*args, "--batch-size", "8", "sample.chunk=5")  # the chunk from the config key
   assert done.returncode == 0, done.stderr
   assert f"{2 * len(prompts) - lines + 1} completions to make" in done.stderr
   header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
