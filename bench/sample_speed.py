@@ -1,10 +1,12 @@
 """Sampling throughput: python -m bench.sample_speed [--job-prompts 512] [--hf-new-tokens 128]
 
-Job mode: prompts of 8 to 256 tokens whose completions end anywhere from 25 to 256 new tokens (a
-row-dependent budget standing in for a stop token), sampled with static batches (new prompts enter
-only when the whole batch is done, and a batch runs for its longest completion) and with continuous
-batching, in one run on the same model. Tokens/s count kept tokens over the job's wall time,
-compiles excluded.
+Job mode: 512 prompts of 8 to 256 tokens with --max-new-tokens 256, whose completions end at a
+row-dependent point (a per-row budget standing in for a stop token), in two spreads of 10x: 25 to 256
+tokens uniformly, and 16 to 160 tokens log-uniformly (most completions short, as when a stop token
+usually comes early). Each is sampled with today's static batches (new prompts enter only when the
+whole batch is done, and a batch runs all 256 decode steps) and with continuous batching, in one run
+on the same model. Tokens/s count kept tokens over the job's wall time, compiles excluded. "decode
+steps bound" is the speed-up a free engine would get: static decode steps over the kept tokens per slot.
 
 Decode mode: batch 1 and 16 greedy decode tokens/s against Hugging Face transformers' `generate` on
 the same random Llama (float32, CPU), imported through lm.convert.
@@ -50,19 +52,24 @@ def timed_run(sampler: Sampler, requests: list[Request], **kwargs) -> tuple[int,
   return sampler.timing.decode_tokens, time.perf_counter() - start - sampler.timing.compile_seconds
 
 
-def job_table(sampler: Sampler, prompts: int, batch: int, chunk: int) -> None:
+def job_table(sampler: Sampler, prompts: int, batch: int, chunk: int, max_new: int = 256) -> None:
   rng = np.random.default_rng(0)
-  requests = [Request(i, 0, "", rng.integers(3, 32000, rng.integers(8, 257)).tolist(), int(25 + (i * 37) % 232))
-              for i in range(prompts)]
-  print(f"job: {prompts} prompts of 8-256 tokens, completions of 25-256 tokens, {batch} slots, chunk {chunk}\n")
-  print("| batching | kept tokens | seconds | kept tokens/s | speed-up |")
-  print("|---|---|---|---|---|")
-  rates = {}
-  for name, static in (("static", True), ("continuous", False)):
-    timed_run(sampler, requests[:batch], batch_size=batch, chunk=chunk, static=static)  # compiles
-    tokens, seconds = timed_run(sampler, requests, batch_size=batch, chunk=chunk, static=static)
-    rates[name] = tokens / seconds
-    print(f"| {name} | {tokens:,} | {seconds:.1f} | {rates[name]:,.0f} | {rates[name] / rates['static']:.1f}x |")
+  ids = [rng.integers(3, 32000, rng.integers(8, 257)).tolist() for _ in range(prompts)]
+  spreads = {"uniform 25-256": [25 + (i * 37) % 232 for i in range(prompts)],
+             "log-uniform 16-160": np.round(16 * 10 ** rng.random(prompts)).astype(int).tolist()}
+  print(f"job: {prompts} prompts of 8-256 tokens, max_new_tokens {max_new}, {batch} slots, chunk {chunk}\n")
+  print("| completion lengths | batching | kept tokens | seconds | kept tokens/s | speed-up | decode steps bound |")
+  print("|---|---|---|---|---|---|---|")
+  for spread, budgets in spreads.items():
+    requests = [Request(i, 0, "", ids[i], budgets[i]) for i in range(prompts)]
+    bound = -(-prompts // batch) * max_new / (sum(budgets) / batch)
+    rates = {}
+    for name, static in (("static", max_new), ("continuous", 0)):
+      timed_run(sampler, requests[:batch], batch_size=batch, chunk=chunk, static=static)  # compiles
+      tokens, seconds = timed_run(sampler, requests, batch_size=batch, chunk=chunk, static=static)
+      rates[name] = tokens / seconds
+      print(f"| {spread} | {name} | {tokens:,} | {seconds:.1f} | {rates[name]:,.0f} | "
+            f"{rates[name] / rates['static']:.2f}x | {bound if static == 0 else 1:.2f}x |", flush=True)
 
 
 def hf_table(sampler: Sampler, theirs, prompt: int, new: int, chunk: int) -> None:

@@ -398,7 +398,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   sampler = Sampler(cfg, params, None, mesh, quantize)
   S = bucket(prompt_len + new_tokens, cfg.model.max_seq_len)
   insert = sampler.insert_function(rows, S, rows, bucket(prompt_len, S))
-  chunk = 16
+  chunk = cfg.sample.chunk
   decode = sampler.decode_function(rows, S, chunk)
   cache = 2 * cfg.model.num_layers * rows * S * cfg.model.num_kv_heads * head_dim(cfg.model)
   cache_shards = math.prod(sharding.shards(mesh, entry) for entry in sampler.cache_sharding.spec)

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch-size", type=int, default=16, help="slots: rows decoded together")
-  parser.add_argument("--chunk", type=int, default=16, help="decode steps (speculative: rounds) per compiled call, between refills")
+  parser.add_argument("--chunk", type=int, help="decode steps (speculative: rounds) per compiled call, between refills (default: the config's sample.chunk, 16)")
   parser.add_argument("--logprobs", action="store_true", help="add per-token log-probabilities")
   parser.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
                       help="also stop at this token id (repeatable; end-of-sequence always stops)")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens proposed per speculative round")
   parser.add_argument("--output", help="JSON lines, written as completions finish; a rerun resumes it")
   parser.add_argument("--quantize", metavar="int8", help="weight-only int8, computed from the checkpoint at load")
-  parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="decode mesh settings")
+  parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="decode mesh settings, and sample.chunk")
   args = parser.parse_intermixed_args(argv)
   from absl import logging
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize()
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     check_quantize(args.quantize)
-    if args.chunk < 1:
+    if args.chunk is not None and args.chunk < 1:
       raise ConfigError(f"--chunk={args.chunk} must be at least 1")
     prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
     sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides, quantize=args.quantize)

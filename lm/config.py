@@ -128,6 +128,11 @@ class ProfileConfig:
 
 
 @dataclasses.dataclass
+class SampleConfig:
+  chunk: PositiveInt = 16  # decode steps (speculative: rounds) per compiled call; lm-sample --chunk overrides it
+
+
+@dataclasses.dataclass
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -138,6 +143,7 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   log: LogConfig = dataclasses.field(default_factory=LogConfig)
   profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+  sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
 
 CHOICES = {

@@ -58,16 +58,20 @@ def rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
 
 def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxLxS: jax.Array) -> jax.Array:
   """Grouped-query attention; the softmax runs in float32."""
+  return attend_heads_first(q_BxLxNxH, k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxLxS)
+
+
+def attend_heads_first(q_BxLxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, mask_BxLxS: jax.Array) -> jax.Array:
+  """`attend` on keys and values laid out as the matmuls read them (the decode cache's layout)."""
   B, L, N, H = q_BxLxNxH.shape
-  S, K = k_BxSxKxH.shape[1:3]
+  K, S = k_BxKxSxH.shape[1:3]
   G = N // K
   # Heads that share a key/value head are stacked along the query axis: one batched matmul per kv head.
   q_BxKxGLxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * L, H)
-  k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
   logits = jnp.matmul(q_BxKxGLxH, k_BxKxSxH.swapaxes(-1, -2), preferred_element_type=jnp.float32)
   logits_BxKxGxLxS = logits.reshape(B, K, G, L, S)
   logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS * H**-0.5, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype).reshape(B, K, G * L, S)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxKxSxH.dtype).reshape(B, K, G * L, S)
   out_BxKxGxLxH = jnp.matmul(probs, v_BxKxSxH).reshape(B, K, G, L, H)
   return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
 
@@ -226,9 +230,11 @@ class Transformer(nnx.Module):
     x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x, _: (block(x, positions_BxL, attention), None))
     return self.logits(x)
 
-  def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array
-              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Logits and every layer's keys and values, [layers, B, L, kv_heads, head_dim] each."""
+  def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array,
+              last_B: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Logits and every layer's keys and values, [layers, B, L, kv_heads, head_dim] each. With
+    `last_B`, only the logits at those positions (BxV): the unembedding of a long prompt costs
+    more than its layers, and sampling reads one position."""
     attention = self_attention(self.cfg, segment_ids_BxL)
 
     def layer(block, x, _):
@@ -236,11 +242,14 @@ class Transformer(nnx.Module):
       return block.finish(x, attention(q, k, v)), (k, v)
 
     x, kv = self._layers(self.embed_tokens(tokens_BxL), layer)
+    if last_B is not None:
+      return self.logits(jnp.take_along_axis(x, last_B[:, None, None], axis=1))[:, 0], kv
     return self.logits(x), kv
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[jax.Array, jax.Array],
              index: jax.Array, visible_BxTxS: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Runs T new tokens against a key/value cache of S slots: writes their keys and values at slots
+    """Runs T new tokens against a key/value cache of S slots, [layers, B, kv_heads, S, head_dim]
+    each (the layout attention reads without a transpose): writes their keys and values at slots
     index..index+T-1 (`index` one for all rows, or one per row), attends to the slots
     `visible_BxTxS` allows, returns logits and the cache."""
     B, T = tokens_BxT.shape
@@ -252,9 +261,9 @@ class Transformer(nnx.Module):
     def layer(block, carry, i):
       x, k_cache, v_cache = carry
       q, k, v = block.qkv(x, positions_BxT)
-      k_cache, v_cache = (c.at[i, rows_Bx1, slots_BxT].set(new.astype(c.dtype), mode="drop")
+      k_cache, v_cache = (c.at[i, rows_Bx1, :, slots_BxT].set(new.astype(c.dtype), mode="drop")
                           for c, new in zip((k_cache, v_cache), (k, v)))
-      return (block.finish(x, attend(q, k_cache[i], v_cache[i], visible_BxTxS)), k_cache, v_cache), None
+      return (block.finish(x, attend_heads_first(q, k_cache[i], v_cache[i], visible_BxTxS)), k_cache, v_cache), None
 
     x = self.embed_tokens(tokens_BxT, one_hot=vocab_split())
     (x, *cache), _ = self._layers((x, *cache), layer, jnp.arange(self.cfg.num_layers))

@@ -16,10 +16,10 @@ from lm.checkpoint import Checkpoints, UnreadableCheckpoint, open_run
 from lm.config import Config, ConfigError
 
 # Settings that may change when a run resumes: schedule, cadences, precision, remat, the attention
-# kernel, the mesh and profiling.
+# kernel, the mesh, profiling and sampling.
 SAFE_CHANGES = ("train.steps", "train.learning_rate", "train.warmup_steps", "train.min_lr_ratio",
                 "train.weight_decay", "train.b1", "train.b2", "train.clip_norm", "train.z_loss",
-                "train.grad_accum", "model.dtype", "model.remat", "model.attention", "eval.", "checkpoint.", "log.", "mesh.", "profile.")
+                "train.grad_accum", "model.dtype", "model.remat", "model.attention", "eval.", "checkpoint.", "log.", "mesh.", "profile.", "sample.")
 
 
 def config_changes(saved: dict[str, Any], cfg: Config, keys: tuple[str, ...] | None = None) -> list[str]:

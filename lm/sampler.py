@@ -164,7 +164,7 @@ class Sampler:
     if quantize:
       self.graphdef, self.params = quantized(params, cfg.model, mesh, self.rules, quantize)
     self.rows_multiple = sharding.data_parallel_size(mesh, self.rules)
-    self.cache_sharding = sharding.named(mesh, ("layers", "batch", None, "kv_heads", None), self.rules)
+    self.cache_sharding = sharding.named(mesh, ("layers", "batch", "kv_heads", None, None), self.rules)
     self.compiled: dict[tuple, Any] = {}
     self.timing = Timing()
     self.step: int | None = None  # the checkpoint's, when restored from one
@@ -174,15 +174,16 @@ class Sampler:
   def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
                    overrides: Sequence[str] = (), quantize: str | None = None) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
-    mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it."""
+    mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it, and
+    `sample.*` ones the sampling settings."""
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
     cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, jax.device_count()), rules=cfg.mesh.rules)
     for item in overrides:
       key, sep, value = item.partition("=")
-      if not key.startswith("mesh.") or not sep:
-        raise ConfigError(f"override '{item}' is not a mesh.KEY=VALUE setting (sampling takes mesh.data, mesh.fsdp, mesh.tensor, mesh.rules)")
+      if not key.startswith(("mesh.", "sample.")) or not sep:
+        raise ConfigError(f"override '{item}' is not a mesh.KEY=VALUE or sample.KEY=VALUE setting (sampling takes mesh.data, mesh.fsdp, mesh.tensor, mesh.rules, sample.chunk)")
       config.set_key(cfg, key, yaml.safe_load(value))
     tokenizer_path = run_tokenizer(workdir, meta)
     recorded = meta["tokenizer"].get("sha256")
@@ -222,7 +223,7 @@ class Sampler:
   # the next cache position, how many tokens the row has drawn before it, whether it is done, its key.
   def abstract_state(self, B: int, S: int) -> dict[str, Any]:
     m = self.cfg.model
-    cache = jax.ShapeDtypeStruct((m.num_layers, B, S, m.num_kv_heads, config.head_dim(m)), jnp.dtype(m.dtype),
+    cache = jax.ShapeDtypeStruct((m.num_layers, B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype),
                                  sharding=self.cache_sharding)
     row = lambda dtype, *shape: jax.ShapeDtypeStruct(
         (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
@@ -238,10 +239,10 @@ class Sampler:
     model = nnx.merge(self.graphdef, params)
     segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
     with sharding.activation_rules(self.mesh, self.rules):
-      logits, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)))
-    cache = tuple(jax.lax.with_sharding_constraint(c.at[:, slots_R, :P].set(new.astype(c.dtype), mode="drop"),
-                                                   self.cache_sharding) for c, new in zip(cache, kv))
-    return jnp.take_along_axis(logits, (lengths_R - 1)[:, None, None], axis=1)[:, 0], cache
+      last_RxV, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)), lengths_R - 1)
+    write = lambda c, new_LxRxPxKxH: c.at[:, slots_R, :, :P].set(new_LxRxPxKxH.swapaxes(2, 3).astype(c.dtype), mode="drop")
+    cache = tuple(jax.lax.with_sharding_constraint(write(c, new), self.cache_sharding) for c, new in zip(cache, kv))
+    return last_RxV, cache
 
   def empty_state(self, B: int, S: int) -> dict[str, Any]:
     """Every slot free (done), allocated in place with its sharding."""
@@ -267,7 +268,7 @@ class Sampler:
     """`steps` decode steps for every slot; emits each step's token, its log-probability and whether
     it belongs to a live row. Done rows compute along but stand still."""
     model = nnx.merge(self.graphdef, params)
-    S = state["cache"][0].shape[2]
+    S = state["cache"][0].shape[3]
 
     def step(state, _):
       token, pos, count = state["token"], state["pos"], state["count"]
@@ -314,10 +315,13 @@ class Sampler:
                          self.abstract_state(B, S), *self._knob_shapes(),
                          jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps)
 
-  def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int = 16,
-          stop_tokens: Sequence[int] = (), logprobs: bool = False, static: bool = False) -> Iterator[Completion]:
-    """Completions in the order they finish. `static` batches as a fixed-batch sampler does: new
-    prompts enter only when every slot is free, and each batch runs its whole token budget."""
+  def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int | None = None,
+          stop_tokens: Sequence[int] = (), logprobs: bool = False, static: int = 0) -> Iterator[Completion]:
+    """Completions in the order they finish. `static` > 0 batches as a fixed-batch sampler does (the
+    benchmark's baseline): new prompts enter only when every slot is free, and each batch runs
+    `static` decode steps (its max_new_tokens) however early its rows stop. `chunk`: decode steps
+    per compiled call, by default the config's `sample.chunk`."""
+    chunk = chunk or self.cfg.sample.chunk
     waiting = collections.deque(requests)
     if not waiting:
       return
@@ -330,7 +334,7 @@ class Sampler:
     decode = self.speculation.decode_function(self, B, S, chunk) if self.speculation else self.decode_function(B, S, chunk)
     state = self.empty_state(B, S)
     slots: list[Slot | None] = [None] * B
-    steps_in_batch = batch_steps = 0  # static: a batch runs for its longest budget
+    steps_in_batch = 0
     while waiting or any(slots):
       free = [s for s, slot in enumerate(slots) if slot is None]
       if waiting and free and (not static or len(free) == B):
@@ -338,7 +342,7 @@ class Sampler:
         state = self._insert(state, batch, free, knobs, B, S)
         for s, request in zip(free, batch):
           slots[s] = Slot(request)
-        steps_in_batch, batch_steps = 0, max(r.budget for r in batch)
+        steps_in_batch = 0
       start = time.perf_counter()
       state, ids, lps, live = decode(self.params, state, *knobs.arrays(), stop_ids)
       ids, lps, live = multihost_utils.process_allgather((ids, lps, live), tiled=True)
@@ -352,7 +356,7 @@ class Sampler:
         if not slot.finished and (reason := self._take(slot, ids[s][live[s]], lps[s][live[s]], stops)):
           slot.finished = True
           yield self._completion(slot, reason, logprobs)
-        if slot.finished and (not static or steps_in_batch >= batch_steps):  # static: the batch frees its slots together
+        if slot.finished and steps_in_batch >= static:  # static: the batch frees its slots together
           slots[s] = None
 
   def _insert(self, state, batch: list[Request], free: list[int], knobs: Knobs, B: int, S: int):
@@ -398,7 +402,7 @@ class Sampler:
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1,
-               batch_size: int = 16, chunk: int = 16, logprobs: bool = False, stop_tokens: Sequence[int] = ()
+               batch_size: int = 16, chunk: int | None = None, logprobs: bool = False, stop_tokens: Sequence[int] = ()
                ) -> list[Completion]:
     """`num_samples` completions per prompt, in prompt order. Sample j of prompt i draws from its own
     key (seed, i, j), so it does not depend on batching."""

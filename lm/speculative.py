@@ -124,7 +124,7 @@ class Draft:
 
   def propose(self, target: Sampler, params, state, keys_B, K: int, knobs) -> tuple[jax.Array, jax.Array, Any]:
     model = nnx.merge(self.draft.graphdef, params)
-    S = state["draft_cache"][0].shape[2]
+    S = state["draft_cache"][0].shape[3]
 
     def step(carry, keys_B):
       cache, token_B, pos_B = carry
@@ -223,7 +223,7 @@ class Speculation:
 
 
 def target_len(state) -> int:
-  return state["cache"][0].shape[2]
+  return state["cache"][0].shape[3]
 
 
 def load_draft(target: Sampler, spec: str) -> Draft:

@@ -39,6 +39,7 @@ def test_int_is_accepted_where_a_float_is_expected():
     ("model.num_kv_heads=0", r"config key 'model.num_kv_heads' is 0; it should be greater than 0"),
     ("train.steps=0", r"config key 'train.steps' is 0; it should be greater than 0"),
     ("train.b2=1", r"config key 'train.b2' is 1.0; it should be less than 1"),
+    ("sample.chunk=0", r"config key 'sample.chunk' is 0; it should be greater than 0"),
     ("mesh.tensor=0", r"mesh.tensor=0 must be -1 \(the remaining devices\) or at least 1"),
     ("mesh.rules={mpl: [tensor]}", r"mesh.rules has no logical axis 'mpl'; did you mean mlp\? \(valid: batch, vocab, "),
 ])

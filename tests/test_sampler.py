@@ -62,9 +62,11 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
   tokens = jnp.asarray(rng.integers(0, tokenizer.vocab_size, (2, 20)), jnp.int32)
   full = model(tokens)
   prompt, S = 8, 20
-  _, (k, v) = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)))
-  pad = [(0, 0), (0, 0), (0, S - prompt), (0, 0), (0, 0)]
-  cache = (jnp.pad(k, pad), jnp.pad(v, pad))
+  last = jnp.array([prompt - 1, 3])  # the prefill's logits at one position per row
+  logits, (k, v) = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)), last)
+  np.testing.assert_allclose(logits, full[jnp.arange(2), last], atol=1e-4)
+  pad = [(0, 0), (0, 0), (0, 0), (0, S - prompt), (0, 0)]  # the cache is [layers, B, kv_heads, S, head_dim]
+  cache = (jnp.pad(k.swapaxes(2, 3), pad), jnp.pad(v.swapaxes(2, 3), pad))
   for t in range(prompt, S):
     visible = jnp.broadcast_to(jnp.arange(S) <= t, (2, 1, S))
     logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), cache, t, visible)
@@ -108,7 +110,7 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
     stops = {want[0][3], want[1][6], want[2][1], tokenizer.eos_id}  # rows end at different points
     want = [until_stop(w, stops) for w in want]
     assert len({len(w) for w in want}) > 2
-    for batch_size, chunk, static in [(2, 4, False), (4, 7, False), (4, 7, True)]:
+    for batch_size, chunk, static in [(2, 4, 0), (4, 7, 0), (4, 7, n)]:
       sampler.timing = type(sampler.timing)()
       got = list(sampler.run(sampler.requests(JOB, 1, n), Knobs(**knobs), batch_size=batch_size, chunk=chunk,
                              stop_tokens=sorted(stops), static=static))
@@ -287,7 +289,7 @@ def test_cli_missing_workdir(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
-  """SIGKILL part-way, a torn last line, then the same command (other slots and chunk) finishes the
+  """SIGKILL part-way, a torn last line, then the same command (other slots and sample.chunk) finishes the
   file: every (index, sample) once, equal to an uninterrupted run. Other knobs refuse in one line."""
   prompts = [f"def f{i}(x):" + " x" * (i % 7) for i in range(150)]
   (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -304,7 +306,7 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
   assert 20 <= lines < 1 + 2 * len(prompts)
   with out.open("a") as f:
     f.write('{"index": 7, "sample": 1, "prompt": "def f7')  # what a kill mid-write leaves
-  done = sample_cli(*args, "--batch-size", "8", "--chunk", "5")
+  done = sample_cli(*args, "--batch-size", "8", "sample.chunk=5")  # the chunk from the config key
   assert done.returncode == 0, done.stderr
   assert f"{2 * len(prompts) - lines + 1} completions to make" in done.stderr
   header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
