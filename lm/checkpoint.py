@@ -84,8 +84,9 @@ class _DataPosition:
     return self
 
   def set_state(self, state: bytes) -> None:
+    position = _tuples(json.loads(state))  # a torn file raises here: an unreadable checkpoint
     try:
-      self.iterator.set_state(_tuples(json.loads(state)))
+      self.iterator.set_state(position)
     except (KeyError, IndexError, TypeError, ValueError) as e:  # a readable checkpoint: not one to set aside
       raise ConfigError(f"the checkpoint's data position ({type(e).__name__}: {e}) is not one this input pipeline "
                         f"reads: it was saved by another version of lm; resume with that version, or keep only "

@@ -21,7 +21,7 @@ def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
   assert [r["step"] for r in val_rows] == [30, 60]
   assert set(train_rows[0]) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"}
   assert set(val_rows[0]) == {"step", "val_loss", "val_perplexity"}
-  assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0
+  assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.75
   assert val_rows[-1]["val_loss"] < val_rows[0]["val_loss"]
   assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in train_rows)
   run = tmp_path / "run"

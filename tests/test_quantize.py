@@ -93,12 +93,20 @@ def test_int8_on_a_trained_run_loses_under_one_percent_and_keeps_greedy_output(t
   # is about 3.7; measured: 0.13 and 0.010).
   error = np.abs(logits[exact] - logits[int8])[real]
   assert error.max() < 0.25 and error.mean() < 0.02
-  # Greedy continuations of 32 held-out snippets, 64 tokens each, agree on at least 90% of tokens.
+  # Greedy continuations of 32 held-out snippets, 64 tokens each: given the same text, int8 picks the
+  # float model's next token at least 90% of the time. (Left to run on their own, two rows part at the
+  # first near-tie and rarely meet again: 99.95% of tokens agreed so on one trained run, 86.8% on one
+  # whose data came in another order, with the same loss and logit error.)
   text = "".join(val_docs[i] for i in range(len(val_docs)))
   prompts = [text[k * len(text) // 32:][:48] for k in range(32)]
   want, got = (s.generate(prompts, max_new_tokens=64, batch_size=32, logprobs=True) for s in (exact, int8))
-  padded = lambda out: np.asarray([c.token_ids + [-1] * (64 - len(c.token_ids)) for c in out])
-  assert np.mean(padded(want) == padded(got)) >= 0.9
+  given = np.zeros((32, cfg.model.max_seq_len), np.int32)
+  for r, (p, c) in enumerate(zip(prompts, want)):
+    given[r, :len(exact.encode(p)) + len(c.token_ids)] = exact.encode(p) + c.token_ids
+  picks = np.asarray(jnp.argmax(forward[int8](int8.params, jnp.asarray(given)), axis=-1))
+  agree = [picks[r, len(exact.encode(p)) - 1 + np.arange(len(c.token_ids))] == np.asarray(c.token_ids)
+           for r, (p, c) in enumerate(zip(prompts, want))]
+  assert np.mean(np.concatenate(agree)) >= 0.9
   # The compiled prefill and decode score tokens as the int8 model's full forward pass does.
   seqs = [int8.encode(p) + c.token_ids for p, c in zip(prompts, got)]
   tokens = np.zeros((32, cfg.model.max_seq_len), np.int32)
