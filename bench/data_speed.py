@@ -5,9 +5,9 @@ with data.workers=2) and for a token cache of the same documents written by lm-p
 the first batch of 1,024 rows; lm-prepare's own throughput; and beside them the tokens/s one TPU v5p
 host (4 chips) consumes at 50% MFU for the 125M, 1B and 7B presets.
 
-A token cache is read with the default data.shuffle_window. Text is timed with a window of 1: a window
-changes only the order of the rows, not the work of making them, but text makes a window's rows
-before it yields the first (data.shuffle_window x the batch's rows), which would swamp the timing.
+A token cache is read with the default data.shuffle_window for each batch size. Text is timed with a
+window of 1: a window changes only the order of the rows, not the work of making them, but text makes
+a window's rows before it yields the first, which would swamp the timing.
 """
 
 from __future__ import annotations
@@ -77,12 +77,12 @@ def main() -> None:
     prepare_rate = index["tokens"] / (time.perf_counter() - start)
     raw, _ = data.split(DataConfig(source=args.source))
     cached, _ = data.split(DataConfig(source=f"tokens:{cache_dir}"))
-    window = DataConfig().shuffle_window
+    window, first_window = (data.shuffle_window(DataConfig(), rows, SEQ_LEN) for rows in (BATCH, FIRST_BATCH))
     rows = {"text, data.workers=0": (raw, 0, 1), "text, data.workers=2": (raw, 2, 1),
             f"token cache (tokens:DIR), shuffle_window={window}": (cached, 0, window)}
     results = {name: tokens_per_second(d, tokenizer, args.batches, w, win) for name, (d, w, win) in rows.items()}
     firsts = {"text, shuffle_window=1": first_batch_seconds(raw, tokenizer, 1),
-              f"token cache, shuffle_window={window}": first_batch_seconds(cached, tokenizer, window)}
+              f"token cache, shuffle_window={first_window}": first_batch_seconds(cached, tokenizer, first_window)}
   needs = v5p_needs()
 
   base = results["text, data.workers=0"][1]

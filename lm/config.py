@@ -67,7 +67,7 @@ class DataConfig:
   text_field: str = "text"
   val_source: str = ""
   val_fraction: float = 0.01
-  shuffle_window: int = 64  # each row's stream is shuffled in windows of this many packed rows
+  shuffle_window: NonNegativeInt = 0  # packed rows of each row's stream shuffled together; 0: lm.data.shuffle_window
   workers: int = 0  # grain worker processes that read and tokenize (0: in the training process)
   # source -> weight; when set, replaces data.source and each source holds out its own val_fraction
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)

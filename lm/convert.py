@@ -188,8 +188,8 @@ def write_run(workdir: Path, cfg: Config, params: dict[str, Any], tokenizer: Pat
   state = TrainState(step=np.zeros((), np.int32), params=params, opt_state=opt_state)
   meta = run_meta(config.to_dict(cfg), tok.path)
   t = cfg.train
-  data_iter = iter(data.batches(data.split(cfg.data)[0], tok, seq_len=t.seq_len, global_batch=t.batch_size,
-                                seed=t.seed, shuffle_window=cfg.data.shuffle_window, workers=cfg.data.workers))
+  data_iter = iter(data.batches(data.split(cfg.data)[0], tok, seq_len=t.seq_len, global_batch=t.batch_size, seed=t.seed,
+                                shuffle_window=data.shuffle_window(cfg.data, t.batch_size, t.seq_len), workers=cfg.data.workers))
   ckpts = Checkpoints(workdir / "checkpoints")
   try:
     ckpts.save(0, state, data_iter, meta)

@@ -259,6 +259,18 @@ class _Stack(grain.transforms.Map):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+WINDOW_TOKENS, MAX_WINDOW = 1 << 24, 1024
+
+
+def shuffle_window(cfg: DataConfig, global_batch: int, seq_len: int) -> int:
+  """data.shuffle_window, where 0 means as many rows as keep about 16M tokens of the global batch in
+  the window, at most 1024: text is tokenized a window ahead before its first batch, and each host
+  holds its rows' share. (From global settings only, so the order does not depend on the hosts.)"""
+  if cfg.shuffle_window:
+    return cfg.shuffle_window
+  return max(1, min(MAX_WINDOW, WINDOW_TOKENS // (global_batch * seq_len)))
+
+
 def token_ids(docs: Any) -> bool:
   """Whether the documents are token ids (of token caches) already."""
   if isinstance(docs, Mixture):

@@ -245,8 +245,8 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
 
   steps = Steps(cfg, mesh)
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
-  train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=cfg.data.shuffle_window,
-                                 workers=cfg.data.workers, **stream))
+  window = data.shuffle_window(cfg.data, t.batch_size, t.seq_len)
+  train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=window, workers=cfg.data.workers, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
   if cfg.data.workers and data.token_ids(train_docs):
     writer.say(f"data.workers={cfg.data.workers} is not used: token caches are packed in the training process, faster than in workers")

@@ -110,7 +110,7 @@ def test_converted_checkpoint_restores_like_a_fresh_run(tokenizer, tmp_path):
   t = cfg.train
   data_iter = iter(data.batches(data.split(cfg.data)[0], Tokenizer(tmp_path / "run" / "tokenizer.model"),
                                 seq_len=t.seq_len, global_batch=t.batch_size, seed=t.seed,
-                                shuffle_window=cfg.data.shuffle_window))
+                                shuffle_window=data.shuffle_window(cfg.data, t.batch_size, t.seq_len)))
   ckpts = Checkpoints(tmp_path / "run" / "checkpoints", read_only=True)
   state = ckpts.restore(0, steps.abstract_state(), data_iter)
   ckpts.close()

@@ -155,6 +155,10 @@ def test_a_window_yields_the_same_rows_of_each_stream_in_another_order(tmp_path,
       assert sorted(x[row].tobytes() for x in a) == sorted(x[row].tobytes() for x in b)
       reordered |= [x[row].tobytes() for x in a] != [x[row].tobytes() for x in b]
   assert reordered
+  # The default window: about 16M tokens of the global batch, at most 1024 rows.
+  sizes = ((8, 256), (256, 1024), (1024, 2048), (1 << 16, 2048))
+  assert [data.shuffle_window(DataConfig(), rows, length) for rows, length in sizes] == [1024, 64, 8, 1]
+  assert data.shuffle_window(DataConfig(shuffle_window=3), 8, 256) == 3
 
 
 def test_iterator_state_restores_the_exact_position(tmp_path, tokenizer):
