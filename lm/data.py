@@ -27,6 +27,7 @@ from lm.tokenizer import Tokenizer
 
 SPLIT_SEED = 0  # fixed, so the held-out documents never change with train.seed
 CHUNK_CHARS = 1 << 15  # one long text is cut at line ends into pieces of about this size
+WINDOW_TOKENS, MAX_WINDOW = 1 << 24, 1024  # the default data.shuffle_window's bounds
 
 
 class TextFiles:
@@ -257,9 +258,6 @@ class _Rename(grain.transforms.Map):
 class _Stack(grain.transforms.Map):
   def map(self, rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-WINDOW_TOKENS, MAX_WINDOW = 1 << 24, 1024
 
 
 def shuffle_window(cfg: DataConfig, global_batch: int, seq_len: int) -> int:
