@@ -3,7 +3,6 @@ description, saved asynchronously and atomically into WORKDIR/checkpoints/STEP."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -18,12 +17,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from lm.config import CheckpointConfig, ConfigError
+from lm.tokenizer import file_digest
 
 ITEMS = ("params", "optimizer", "data", "meta")
-
-
-def file_digest(path: str | Path) -> str:
-  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_meta(settings: dict[str, Any], tokenizer: str | Path) -> dict[str, Any]:

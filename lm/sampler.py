@@ -27,11 +27,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lm import config, sharding
-from lm.checkpoint import file_digest, open_run, run_tokenizer
+from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.params import abstract_model, param_shardings
 from lm.quantize import quantized
-from lm.tokenizer import Tokenizer
+from lm.tokenizer import Tokenizer, file_digest
 
 MIN_BUCKET = 16
 MAX_STOP_TOKENS = 8  # stop ids are padded to this many (with -1, never a token), so one compile serves all
@@ -187,8 +187,8 @@ class Sampler:
       config.set_key(cfg, key, yaml.safe_load(value))
     tokenizer_path = run_tokenizer(workdir, meta)
     recorded = meta["tokenizer"].get("sha256")
-    if recorded and tokenizer_path.is_file() and file_digest(tokenizer_path) != recorded:
-      raise ConfigError(f"tokenizer '{tokenizer_path}' has SHA-256 {file_digest(tokenizer_path)[:12]}..., but step {step} was trained with {recorded[:12]}...; restore the run's tokenizer")
+    if recorded and tokenizer_path.is_file() and (digest := file_digest(tokenizer_path)) != recorded:
+      raise ConfigError(f"tokenizer '{tokenizer_path}' has SHA-256 {digest[:12]}..., but step {step} was trained with {recorded[:12]}...; restore the run's tokenizer")
     mesh = sharding.make_mesh(cfg.mesh)
     try:
       params = load_params(ckpts, step, cfg, mesh)

@@ -12,6 +12,11 @@ import sentencepiece as spm
 from lm.config import ConfigError, TokenizerConfig
 
 
+def file_digest(path: str | Path) -> str:
+  """A tokenizer file's SHA-256, as checkpoints and token caches record it."""
+  return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 class Tokenizer:
   def __init__(self, path: str | Path):
     path = Path(path)
@@ -22,7 +27,7 @@ class Tokenizer:
 
   @property
   def sha256(self) -> str:
-    return hashlib.sha256(self.path.read_bytes()).hexdigest()
+    return file_digest(self.path)
 
   def __getstate__(self) -> dict:
     return {"path": self.path}  # worker processes load the model again
