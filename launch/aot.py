@@ -188,8 +188,6 @@ def sample_shape(text: str) -> tuple[int, int, int]:
 
 def sampling_config(cfg: config.Config, chips: int, mesh_given: bool) -> config.Config:
   """What lm-sample decodes with: the decode mesh, unless mesh.* overrides name one."""
-  import dataclasses
-
   from lm.sampler import decode_mesh
 
   if mesh_given:
