@@ -65,8 +65,7 @@ def pass_cost(sampler: Sampler, rows: int, T: int, S: int, repeats: int = 15) ->
     def call(params, cache):
       model = nnx.merge(sampler.graphdef, params)
       positions = jnp.broadcast_to(S // 2 + jnp.arange(t), (rows, t))
-      visible = jnp.arange(S)[None, None] <= positions[..., None]
-      return model.decode(jnp.zeros((rows, t), jnp.int32), positions, cache, jnp.full((rows,), S // 2), visible)
+      return model.decode(jnp.zeros((rows, t), jnp.int32), positions, cache)
     return call
 
   calls, seconds = {t: decode(t) for t in (1, T)}, {1: [], T: []}

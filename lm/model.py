@@ -247,23 +247,26 @@ class Transformer(nnx.Module):
     return self.logits(x), kv
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[jax.Array, jax.Array],
-             index: jax.Array, visible_BxTxS: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+             window: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Runs T new tokens against a key/value cache of S slots, [layers, B, kv_heads, S, head_dim]
-    each (the layout attention reads without a transpose): writes their keys and values at slots
-    index..index+T-1 (`index` one for all rows, or one per row), attends to the slots
-    `visible_BxTxS` allows, returns logits and the cache."""
+    each (the layout attention reads without a transpose), slot s holding position s: writes their
+    keys and values at their positions and attends causally to the first `window` slots (all S by
+    default). Decoding is bound by reading the cache, so a caller whose positions all lie below a
+    shorter window reads only that much. Returns logits and the cache."""
     B, T = tokens_BxT.shape
-    slots_BxT = jnp.broadcast_to(index, (B,))[:, None] + jnp.arange(T)
+    W = window or cache[0].shape[3]
     rows_Bx1 = jnp.arange(B)[:, None]
+    visible_BxTxW = jnp.arange(W)[None, None] <= positions_BxT[..., None]
 
     # The whole cache rides in the scan's carry, so each step updates it in place rather than
     # rebuilding every layer's slice as a scan output.
     def layer(block, carry, i):
       x, k_cache, v_cache = carry
       q, k, v = block.qkv(x, positions_BxT)
-      k_cache, v_cache = (c.at[i, rows_Bx1, :, slots_BxT].set(new.astype(c.dtype), mode="drop")
+      k_cache, v_cache = (c.at[i, rows_Bx1, :, positions_BxT].set(new.astype(c.dtype), mode="drop")
                           for c, new in zip((k_cache, v_cache), (k, v)))
-      return (block.finish(x, attend_heads_first(q, k_cache[i], v_cache[i], visible_BxTxS)), k_cache, v_cache), None
+      seen = (k_cache[i, :, :, :W], v_cache[i, :, :, :W])
+      return (block.finish(x, attend_heads_first(q, *seen, visible_BxTxW)), k_cache, v_cache), None
 
     x = self.embed_tokens(tokens_BxT, one_hot=vocab_split())
     (x, *cache), _ = self._layers((x, *cache), layer, jnp.arange(self.cfg.num_layers))

@@ -119,13 +119,13 @@ def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top
   V = logits_BxV.shape[-1]
   if vocab is not None and vocab < V:
     logits_BxV = jnp.where(jnp.arange(V) < vocab, logits_BxV, -jnp.inf)
-  logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
 
   def sample():
     return jax.vmap(jax.random.categorical)(keys_B, scaled_logits(logits_BxV, temperature, top_k, top_p))
 
   tokens = jax.lax.cond(temperature == 0, lambda: jnp.argmax(logits_BxV, axis=-1), sample)
-  return tokens, jnp.take_along_axis(logprobs_BxV, tokens[:, None], axis=-1)[:, 0]
+  chosen = jnp.take_along_axis(logits_BxV, tokens[:, None], axis=-1)[:, 0]
+  return tokens, chosen - jax.nn.logsumexp(logits_BxV, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -133,6 +133,13 @@ def _request_keys(seed: int, index_R: jax.Array, sample_R: jax.Array) -> jax.Arr
   base = jax.random.key(seed)
   keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(index_R, sample_R)
   return jax.random.key_data(keys)
+
+
+def window(need: int, S: int) -> int:
+  """The cache slots a decode chunk attends to: `need` (past every position it decodes) rounded up
+  to a quarter of S, so a chunk reads little more of the cache than is filled, in at most four compiles."""
+  quarter = -(-S // 4)
+  return min(S, -(-need // quarter) * quarter)
 
 
 def decode_mesh(cfg: config.ModelConfig, devices: int) -> config.MeshConfig:
@@ -264,19 +271,18 @@ class Sampler:
                     "budget": put(state["budget"], budget_R), "done": put(state["done"], jnp.zeros_like(lengths_R, bool)),
                     "key": put(state["key"], key_data_R)}
 
-  def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, steps):
-    """`steps` decode steps for every slot; emits each step's token, its log-probability and whether
-    it belongs to a live row. Done rows compute along but stand still."""
+  def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, steps, window):
+    """`steps` decode steps for every slot, attending to the first `window` cache slots; emits each
+    step's token, its log-probability and whether it belongs to a live row. Done rows compute along
+    but stand still."""
     model = nnx.merge(self.graphdef, params)
-    S = state["cache"][0].shape[3]
 
     def step(state, _):
       token, pos, count = state["token"], state["pos"], state["count"]
       emitted = (token, state["logprob"], ~state["done"])
       done = state["done"] | jnp.any(token[:, None] == stop_ids[None], axis=-1) | (count + 1 >= state["budget"])
-      visible_Bx1xS = (jnp.arange(S)[None] <= pos[:, None])[:, None]
       with sharding.activation_rules(self.mesh, self.rules):
-        logits, cache = model.decode(token[:, None], pos[:, None], state["cache"], pos, visible_Bx1xS)
+        logits, cache = model.decode(token[:, None], pos[:, None], state["cache"], window)
       keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), count + 1)
       drawn, logprob = choose(keys, logits[:, 0], temperature, top_k, top_p, self.vocab)
       go = ~done
@@ -309,11 +315,13 @@ class Sampler:
                          row(jnp.int32, P), row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.uint32, state["key"].shape[1]),
                          *self._knob_shapes())
 
-  def decode_function(self, B: int, S: int, steps: int) -> Any:
-    """Compiled chunk of `steps` decode steps over B slots of S positions."""
-    return self._compile(("decode", B, S, steps), self._decode_fn, self._abstract(self.params),
+  def decode_function(self, B: int, S: int, steps: int, window: int | None = None) -> Any:
+    """Compiled chunk of `steps` decode steps over B slots of S positions, attending to the first
+    `window` (default all S)."""
+    window = window or S
+    return self._compile(("decode", B, S, steps, window), self._decode_fn, self._abstract(self.params),
                          self.abstract_state(B, S), *self._knob_shapes(),
-                         jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps)
+                         jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps, window=window)
 
   def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int | None = None,
           stop_tokens: Sequence[int] = (), logprobs: bool = False, static: int = 0) -> Iterator[Completion]:
@@ -331,7 +339,7 @@ class Sampler:
     stop_ids = jnp.asarray(stops + [-1] * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
     B = -(-batch_size // self.rows_multiple) * self.rows_multiple
     S = bucket(max(len(r.ids) + r.budget for r in waiting), self.cfg.model.max_seq_len)
-    decode = self.speculation.decode_function(self, B, S, chunk) if self.speculation else self.decode_function(B, S, chunk)
+    advance = chunk * (self.speculation.k + 1 if self.speculation else 1)  # the most a row moves in a chunk
     state = self.empty_state(B, S)
     slots: list[Slot | None] = [None] * B
     steps_in_batch = 0
@@ -343,6 +351,12 @@ class Sampler:
         for s, request in zip(free, batch):
           slots[s] = Slot(request)
         steps_in_batch = 0
+      # A live row's pending token sits at position len(prompt) + tokens taken.
+      need = max((len(s.request.ids) + len(s.token_ids) for s in slots if s and not s.finished), default=0) + advance
+      if self.speculation:
+        decode = self.speculation.decode_function(self, B, S, chunk, window(need, S))
+      else:
+        decode = self.decode_function(B, S, chunk, window(need, S))
       start = time.perf_counter()
       state, ids, lps, live = decode(self.params, state, *knobs.arrays(), stop_ids)
       ids, lps, live = multihost_utils.process_allgather((ids, lps, live), tiled=True)

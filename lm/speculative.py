@@ -81,7 +81,7 @@ class Ngram:
     rows_RxS = rows_RxS.at[jnp.arange(R), lengths_R].set(pending_R, mode="drop")
     return state | {"history": state["history"].at[slots_R].set(rows_RxS, mode="drop")}
 
-  def propose(self, target: Sampler, params, state, keys_B, K: int, knobs) -> tuple[jax.Array, jax.Array, Any]:
+  def propose(self, target: Sampler, params, state, keys_B, K: int, knobs, window: int) -> tuple[jax.Array, jax.Array, Any]:
     history_BxS, pos_B = state["history"], state["pos"]  # the pending token sits at pos
     S = history_BxS.shape[1]
     j_S = jnp.arange(S)
@@ -122,15 +122,13 @@ class Draft:
     _, cache = self.draft.prefill(params, state["draft_cache"], tokens_RxP, lengths_R, slots_R)
     return state | {"draft_cache": cache}
 
-  def propose(self, target: Sampler, params, state, keys_B, K: int, knobs) -> tuple[jax.Array, jax.Array, Any]:
+  def propose(self, target: Sampler, params, state, keys_B, K: int, knobs, window: int) -> tuple[jax.Array, jax.Array, Any]:
     model = nnx.merge(self.draft.graphdef, params)
-    S = state["draft_cache"][0].shape[3]
 
     def step(carry, keys_B):
       cache, token_B, pos_B = carry
-      visible_Bx1xS = (jnp.arange(S)[None] <= pos_B[:, None])[:, None]
       with sharding.activation_rules(self.draft.mesh, self.draft.rules):
-        logits, cache = model.decode(token_B[:, None], pos_B[:, None], cache, pos_B, visible_Bx1xS)
+        logits, cache = model.decode(token_B[:, None], pos_B[:, None], cache, window)
       q_BxV = probabilities(logits[:, :, :target.vocab], *knobs)[:, 0]
       drawn_B = jax.vmap(jax.random.categorical)(keys_B, jnp.log(q_BxV))
       return (cache, drawn_B, pos_B + 1), (drawn_B, q_BxV)
@@ -159,24 +157,23 @@ class Speculation:
                              *map(target._abstract, (tokens_RxP, lengths_R, slots_R)))
     return insert(self.proposer.params, state, tokens_RxP, lengths_R, slots_R)
 
-  def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, stop_ids, rounds):
-    """`rounds` rounds for every slot; emits K+1 token places per round (the pending token and the
-    guesses), live where the row is live and the guess was kept. Done rows compute along but stand still,
-    and the chunk ends early once every row is done."""
+  def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, stop_ids, rounds, window):
+    """`rounds` rounds for every slot, attending to the first `window` cache slots; emits K+1 token
+    places per round (the pending token and the guesses), live where the row is live and the guess
+    was kept. Done rows compute along but stand still, and the chunk ends early once every row is done."""
     model = nnx.merge(target.graphdef, params)
-    S, K = target_len(state), self.k
+    K = self.k
     knobs = (temperature, top_k, top_p)
 
     def one(state, _):
       token_B, pos_B, count_B, done_B = state["token"], state["pos"], state["count"], state["done"]
       keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), count_B + 1)
       keys_3xB = jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys_B)
-      drafts_BxK, q_BxKxV, state = self.proposer.propose(target, draft_params, state, keys_3xB[0], K, knobs)
+      drafts_BxK, q_BxKxV, state = self.proposer.propose(target, draft_params, state, keys_3xB[0], K, knobs, window)
       tokens_BxT = jnp.concatenate([token_B[:, None], drafts_BxK], axis=1)
       positions_BxT = pos_B[:, None] + jnp.arange(K + 1)
-      visible_BxTxS = jnp.arange(S)[None, None] <= positions_BxT[..., None]
       with sharding.activation_rules(target.mesh, target.rules):
-        logits, cache = model.decode(tokens_BxT, positions_BxT, state["cache"], pos_B, visible_BxTxS)
+        logits, cache = model.decode(tokens_BxT, positions_BxT, state["cache"], window)
       logits_BxTxV = logits[..., :target.vocab].astype(jnp.float32)
       kept_B, next_B = accept(keys_3xB[1], keys_3xB[2], probabilities(logits_BxTxV, *knobs), q_BxKxV, drafts_BxK)
       logprobs_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
@@ -206,13 +203,15 @@ class Speculation:
     _, state, out = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~jnp.all(c[1]["done"]), body, (0, state, out))
     return state, *out
 
-  def decode_function(self, target: Sampler, B: int, S: int, rounds: int):
+  def decode_function(self, target: Sampler, B: int, S: int, rounds: int, window: int | None = None):
     """Compiled chunk of `rounds` rounds, called as the engine calls its decode chunk."""
-    compiled = target._compile(("speculate", self.proposer.name, self.k, B, S, rounds), functools.partial(self._round_fn, target),
+    window = window or S
+    compiled = target._compile(("speculate", self.proposer.name, self.k, B, S, rounds, window),
+                               functools.partial(self._round_fn, target),
                                target._abstract(target.params), target.abstract_state(B, S),
                                target._abstract(self.proposer.params), *target._knob_shapes(),
                                jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32),
-                               rounds=rounds)
+                               rounds=rounds, window=window)
     return lambda params, state, *rest: compiled(params, state, self.proposer.params, *rest)
 
   def tally(self, timing: Timing, live_BxN: np.ndarray) -> None:

@@ -119,7 +119,7 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
   B, S, K = 64, 24, 5
   history, pos = rng.integers(0, 3, (B, S)).astype(np.int32), rng.integers(0, S - K, B).astype(np.int32)
   state = {"history": jnp.asarray(history), "pos": jnp.asarray(pos)}
-  drafts, q, _ = speculative.Ngram().propose(types.SimpleNamespace(vocab=3), {}, state, None, K, None)
+  drafts, q, _ = speculative.Ngram().propose(types.SimpleNamespace(vocab=3), {}, state, None, K, None, S)
   for b in range(B):
     want = naive_lookup(history[b, :pos[b] + 1].tolist(), K)
     if want is not None:
