@@ -26,14 +26,16 @@ from lm.model import count_params
 from lm.sampler import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = ["model.num_layers=8", "model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "model.d_ff=1536"]
+TARGET = ["model.num_layers=8", "model.d_model=512", "model.num_heads=8", "model.num_kv_heads=8", "model.d_ff=1536",
+          "train.learning_rate=1.5e-3"]
 DRAFT = ["model.num_layers=2", "model.d_model=192", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=512"]
 
 
 def train(workdir: Path, model: list[str], steps: int, *extra: str) -> None:
+  """Rows of 256 tokens, so every position a prompt and its continuation reach is trained."""
   cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.yaml", "--workdir", str(workdir),
          "--sample-prompt=", f"train.steps={steps}", f"checkpoint.every={steps}", f"eval.every={steps}",
-         "train.warmup_steps=20", "train.seq_len=128", *model, *extra]
+         "train.warmup_steps=50", "train.batch_size=4", "train.seq_len=256", *model, *extra]
   subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 

@@ -157,10 +157,15 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stacked: bool = True):
+    """`stacked`: the blocks' weights stacked along a leading layer axis and scanned (training, and
+    checkpoints); else a list of blocks run one after another (sampling, see `decode`)."""
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-    self.blocks = self._stacked_blocks(cfg, rngs)
+    if stacked:
+      self.blocks = self._stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = nnx.Param(jnp.ones((cfg.d_model,)), axes=("embed",))
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
@@ -207,17 +212,23 @@ class Transformer(nnx.Module):
     logits = dense(h, w_DxV).astype(jnp.float32)
     return constrain(logits, ("batch", None, "vocab"))
 
-  def _layers(self, carry: Any, layer: Callable, per_layer: Any = None) -> tuple[Any, Any]:
-    """Scans `layer(block, carry, per_layer_input) -> (carry, per_layer_output)` over the stacked blocks."""
+  def _layers(self, carry: Any, layer: Callable) -> tuple[Any, Any]:
+    """Runs `layer(block, carry) -> (carry, per_layer_output)` over the blocks: a scan over stacked
+    ones (outputs stacked along a leading layer axis), a loop over a list (outputs listed)."""
+    if isinstance(self.blocks, nnx.List):
+      outputs = []
+      for block in self.blocks:
+        carry, out = layer(block, carry)
+        outputs.append(out)
+      return carry, outputs
     graphdef, stacked = nnx.split(self.blocks)
 
-    def step(carry, inputs):
-      block_state, extra = inputs
-      return layer(nnx.merge(graphdef, block_state), carry, extra)
+    def step(carry, block_state):
+      return layer(nnx.merge(graphdef, block_state), carry)
 
     if self.cfg.remat != "none":
       step = jax.checkpoint(step, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, (stacked, per_layer))
+    return jax.lax.scan(step, carry, stacked)
 
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None) -> jax.Array:
@@ -227,17 +238,18 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
     attention = self_attention(self.cfg, segment_ids_BxL)
-    x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x, _: (block(x, positions_BxL, attention), None))
+    x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x: (block(x, positions_BxL, attention), None))
     return self.logits(x)
 
   def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array,
-              last_B: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Logits and every layer's keys and values, [layers, B, L, kv_heads, head_dim] each. With
-    `last_B`, only the logits at those positions (BxV): the unembedding of a long prompt costs
-    more than its layers, and sampling reads one position."""
+              last_B: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Logits and every layer's keys and values, [B, L, kv_heads, head_dim] each (stacked along a
+    leading layer axis, or listed, as the blocks are). With `last_B`, only the logits at those
+    positions (BxV): the unembedding of a long prompt costs more than its layers, and sampling
+    reads one position."""
     attention = self_attention(self.cfg, segment_ids_BxL)
 
-    def layer(block, x, _):
+    def layer(block, x):
       q, k, v = block.qkv(x, positions_BxL)
       return block.finish(x, attention(q, k, v)), (k, v)
 
@@ -246,31 +258,33 @@ class Transformer(nnx.Module):
       return self.logits(jnp.take_along_axis(x, last_B[:, None, None], axis=1))[:, 0], kv
     return self.logits(x), kv
 
-  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[jax.Array, jax.Array],
-             window: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Runs T new tokens against a key/value cache of S slots, [layers, B, kv_heads, S, head_dim]
+  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[tuple[jax.Array, jax.Array], ...],
+             window: int | None = None) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
+    """Runs T new tokens against a key/value cache of S slots per layer, [B, kv_heads, S, head_dim]
     each (the layout attention reads without a transpose), slot s holding position s: writes their
     keys and values at their positions and attends causally to the first `window` slots (all S by
-    default). Decoding is bound by reading the cache, so a caller whose positions all lie below a
-    shorter window reads only that much. Returns logits and the cache."""
+    default). Returns logits and the cache.
+
+    The blocks must be listed (`stacked=False`): each layer's weights and cache are then buffers of
+    their own that the matmuls read where they lie, where XLA:CPU copies a stacked layer's slices
+    out first, reading them three times per step. Decoding is bound by those reads, so a caller
+    whose positions all lie below a shorter window reads only that much."""
     B, T = tokens_BxT.shape
-    W = window or cache[0].shape[3]
+    S = cache[0][0].shape[2]
+    W = window or S
     rows_Bx1 = jnp.arange(B)[:, None]
     visible_BxTxW = jnp.arange(W)[None, None] <= positions_BxT[..., None]
 
-    # The whole cache rides in the scan's carry, so each step updates it in place rather than
-    # rebuilding every layer's slice as a scan output.
-    def layer(block, carry, i):
-      x, k_cache, v_cache = carry
-      q, k, v = block.qkv(x, positions_BxT)
-      k_cache, v_cache = (c.at[i, rows_Bx1, :, positions_BxT].set(new.astype(c.dtype), mode="drop")
-                          for c, new in zip((k_cache, v_cache), (k, v)))
-      seen = (k_cache[i, :, :, :W], v_cache[i, :, :, :W])
-      return (block.finish(x, attend_heads_first(q, *seen, visible_BxTxW)), k_cache, v_cache), None
-
     x = self.embed_tokens(tokens_BxT, one_hot=vocab_split())
-    (x, *cache), _ = self._layers((x, *cache), layer, jnp.arange(self.cfg.num_layers))
-    return self.logits(x), tuple(cache)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache, strict=True):
+      q, k, v = block.qkv(x, positions_BxT)
+      layer_cache = tuple(c.at[rows_Bx1, :, positions_BxT].set(new.astype(c.dtype), mode="drop")
+                          for c, new in zip(layer_cache, (k, v)))
+      seen = layer_cache if W == S else tuple(c[:, :, :W] for c in layer_cache)
+      x = block.finish(x, attend_heads_first(q, *seen, visible_BxTxW))
+      new_cache.append(layer_cache)
+    return self.logits(x), tuple(new_cache)
 
 
 def vocab_split() -> bool:

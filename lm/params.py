@@ -13,9 +13,23 @@ from lm.config import ConfigError, ModelConfig
 from lm.model import Transformer
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(cfg: ModelConfig, stacked: bool = True) -> tuple[nnx.GraphDef, nnx.State]:
   """Graph definition and shape-only state; the state's Params carry their logical axes."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), stacked)))
+
+
+def unstack(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh, rules: dict[str, list[str]]) -> dict[str, Any]:
+  """Stacked parameters (a checkpoint's) as those of `Transformer(cfg, stacked=False)`, each layer's
+  weights arrays of their own, split where they lie. Abstract params (shapes with shardings) give
+  abstract ones. Listed ones (another sampler's) are returned as they are."""
+  if all(isinstance(key, int) for key in params["blocks"]):
+    return params
+  _, abstract = abstract_model(cfg, stacked=False)
+  split = jax.jit(lambda p: p | {"blocks": {i: jax.tree.map(lambda x: x[i], p["blocks"]) for i in range(cfg.num_layers)}},
+                  out_shardings=param_shardings(abstract, mesh, rules))
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    return jax.eval_shape(split, params)
+  return split(params)
 
 
 def is_matrix(axes: tuple[str, ...]) -> bool:

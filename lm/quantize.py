@@ -43,8 +43,8 @@ def quantize_model(model: Transformer) -> Transformer:
   return model
 
 
-def abstract_quantized(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  return nnx.split(nnx.eval_shape(lambda: quantize_model(Transformer(cfg, nnx.Rngs(0)))))
+def abstract_quantized(cfg: ModelConfig, stacked: bool = True) -> tuple[nnx.GraphDef, nnx.State]:
+  return nnx.split(nnx.eval_shape(lambda: quantize_model(Transformer(cfg, nnx.Rngs(0), stacked))))
 
 
 def shardings(abstract: nnx.State, mesh: Mesh, rules: dict[str, list[str]]) -> dict[str, Any]:
@@ -60,13 +60,14 @@ def shardings(abstract: nnx.State, mesh: Mesh, rules: dict[str, list[str]]) -> d
   return nnx.to_pure_dict(jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def quantized(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh, rules: dict[str, list[str]], mode: str
-             ) -> tuple[nnx.GraphDef, dict[str, Any]]:
-  """The quantized model's graph definition and its parameters, computed where the float ones lie
-  (never gathered). Abstract params (shapes with shardings, as launch.aot compiles) give abstract ones."""
+def quantized(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh, rules: dict[str, list[str]], mode: str,
+              stacked: bool = True) -> tuple[nnx.GraphDef, dict[str, Any]]:
+  """The quantized model's graph definition and its parameters (of `Transformer(cfg, stacked=...)`),
+  computed where the float ones lie (never gathered). Abstract params (shapes with shardings, as
+  launch.aot compiles) give abstract ones."""
   check(mode)
-  float_graphdef, _ = abstract_model(cfg)
-  graphdef, abstract = abstract_quantized(cfg)
+  float_graphdef, _ = abstract_model(cfg, stacked)
+  graphdef, abstract = abstract_quantized(cfg, stacked)
   to_int8 = jax.jit(lambda p: nnx.to_pure_dict(nnx.state(quantize_model(nnx.merge(float_graphdef, p)))),
                     out_shardings=shardings(abstract, mesh, rules))
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):

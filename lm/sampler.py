@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from lm import config, sharding
 from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
-from lm.params import abstract_model, param_shardings
+from lm.params import abstract_model, param_shardings, unstack
 from lm.quantize import quantized
 from lm.tokenizer import Tokenizer, file_digest
 
@@ -162,16 +162,18 @@ def load_params(ckpts, step: int, cfg: Config, mesh: Mesh) -> Any:
 
 class Sampler:
   def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh, quantize: str | None = None):
-    """`quantize="int8"`: int8 weights computed from `params` (lm.quantize); they replace them."""
-    self.cfg, self.params, self.tokenizer, self.mesh = cfg, params, tokenizer, mesh
+    """`params`: stacked, as a checkpoint holds them; the sampler keeps each layer's weights apart
+    (see `Transformer.decode`). `quantize="int8"`: int8 weights computed from them (lm.quantize)."""
+    self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
     self.speculation: Any = None  # an lm.speculative.Speculation: decode rounds of proposed tokens instead of steps
-    self.graphdef, _ = abstract_model(cfg.model)
     self.rules = cfg.mesh.rules
+    self.graphdef, _ = abstract_model(cfg.model, stacked=False)
+    self.params = unstack(params, cfg.model, mesh, self.rules)
     self.vocab = tokenizer.vocab_size if tokenizer is not None else cfg.model.vocab_size
     if quantize:
-      self.graphdef, self.params = quantized(params, cfg.model, mesh, self.rules, quantize)
+      self.graphdef, self.params = quantized(self.params, cfg.model, mesh, self.rules, quantize, stacked=False)
     self.rows_multiple = sharding.data_parallel_size(mesh, self.rules)
-    self.cache_sharding = sharding.named(mesh, ("layers", "batch", "kv_heads", None, None), self.rules)
+    self.cache_sharding = sharding.named(mesh, ("batch", "kv_heads", None, None), self.rules)
     self.compiled: dict[tuple, Any] = {}
     self.timing = Timing()
     self.step: int | None = None  # the checkpoint's, when restored from one
@@ -226,16 +228,16 @@ class Sampler:
     rows = sharding.named(self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules)
     return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
 
-  # Device state: the cache plus, per slot, the token drawn but not yet emitted, its log-probability,
-  # the next cache position, how many tokens the row has drawn before it, whether it is done, its key.
+  # Device state: each layer's keys and values plus, per slot, the token drawn but not yet emitted,
+  # its log-probability, the next cache position, how many tokens the row has drawn before it,
+  # whether it is done, its key.
   def abstract_state(self, B: int, S: int) -> dict[str, Any]:
     m = self.cfg.model
-    cache = jax.ShapeDtypeStruct((m.num_layers, B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype),
-                                 sharding=self.cache_sharding)
+    kv = jax.ShapeDtypeStruct((B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype), sharding=self.cache_sharding)
     row = lambda dtype, *shape: jax.ShapeDtypeStruct(
         (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
-    state = {"cache": (cache, cache), "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
+    state = {"cache": ((kv, kv),) * m.num_layers, "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
              "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
     return state | (self.speculation.abstract_state(self, B, S) if self.speculation else {})
 
@@ -247,8 +249,9 @@ class Sampler:
     segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
     with sharding.activation_rules(self.mesh, self.rules):
       last_RxV, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)), lengths_R - 1)
-    write = lambda c, new_LxRxPxKxH: c.at[:, slots_R, :, :P].set(new_LxRxPxKxH.swapaxes(2, 3).astype(c.dtype), mode="drop")
-    cache = tuple(jax.lax.with_sharding_constraint(write(c, new), self.cache_sharding) for c, new in zip(cache, kv))
+    write = lambda c, new_RxPxKxH: c.at[slots_R, :, :P].set(new_RxPxKxH.swapaxes(1, 2).astype(c.dtype), mode="drop")
+    cache = tuple(tuple(jax.lax.with_sharding_constraint(write(c, new), self.cache_sharding) for c, new in zip(*layer))
+                  for layer in zip(cache, kv))
     return last_RxV, cache
 
   def empty_state(self, B: int, S: int) -> dict[str, Any]:

@@ -222,7 +222,7 @@ class Speculation:
 
 
 def target_len(state) -> int:
-  return state["cache"][0].shape[3]
+  return state["cache"][0][0].shape[2]
 
 
 def load_draft(target: Sampler, spec: str) -> Draft:

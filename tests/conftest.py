@@ -58,3 +58,12 @@ def run_trainer(workdir: Path, *overrides: str, devices: int = 8, init_from: str
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   return subprocess.run(trainer_command(workdir, *overrides, init_from=init_from), cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def stacked(params):
+  """A sampler's listed parameters stacked along the layer axis again, as a checkpoint holds them."""
+  import jax
+  import jax.numpy as jnp
+
+  blocks = params["blocks"]
+  return params | {"blocks": jax.tree.map(lambda *layers: jnp.stack(layers), *(blocks[i] for i in sorted(blocks)))}

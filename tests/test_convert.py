@@ -23,7 +23,7 @@ from lm.params import abstract_model
 from lm.sampler import Sampler
 from lm.tokenizer import Tokenizer, train
 from lm.train import Steps
-from tests.conftest import run_trainer, tiny_overrides
+from tests.conftest import run_trainer, stacked, tiny_overrides
 
 FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
@@ -88,7 +88,7 @@ def test_export_import_round_trip_is_bit_exact_and_greedy_generation_matches(tok
 
   back = Sampler.from_workdir(tmp_path / "back")
   assert back.cfg.model == cfg.model
-  for (path, want), got in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(back.params)):
+  for (path, want), got in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(stacked(back.params))):
     assert np.array_equal(want, np.asarray(got)), jax.tree_util.keystr(path)
 
   assert convert_main(["--to-hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0

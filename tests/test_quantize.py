@@ -71,7 +71,7 @@ def trained_run(tmp_path_factory):
 def test_int8_on_a_trained_run_loses_under_one_percent_and_keeps_greedy_output(trained_run, tmp_path, capsys):
   exact = Sampler.from_workdir(trained_run)
   int8 = Sampler.from_workdir(trained_run, quantize="int8")
-  assert int8.params["blocks"]["wq"].qvalue.dtype == jnp.int8
+  assert int8.params["blocks"][0]["wq"].qvalue.dtype == jnp.int8
   forward = {s: jax.jit(lambda p, tokens, g=s.graphdef: nnx.merge(g, p)(tokens)) for s in (exact, int8)}
   # The trainer's own held-out batches (lm.loop: the validation split, seed 0), whose loss it logged.
   cfg = exact.cfg

@@ -18,7 +18,7 @@ from lm.config import ConfigError
 from lm.model import Transformer
 from lm.params import abstract_model
 from lm.sampler import Knobs, Sampler, choose
-from tests.conftest import ROOT, run_trainer, tiny_overrides
+from tests.conftest import ROOT, run_trainer, stacked, tiny_overrides
 
 
 def make_sampler(tokenizer, devices=None, mesh=("mesh.data=1", "mesh.fsdp=1")):
@@ -30,7 +30,9 @@ def make_sampler(tokenizer, devices=None, mesh=("mesh.data=1", "mesh.fsdp=1")):
 
 
 def naive_greedy(cfg, params, ids, n):
-  """Recomputes the whole sequence for every new token; stops after an end-of-sequence token."""
+  """Recomputes the whole sequence for every new token, with the blocks stacked and scanned as in
+  training (the sampler lists them); stops after an end-of-sequence token."""
+  params = stacked(params)
   graphdef = abstract_model(cfg.model)[0]
   forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens)[0])
   seq = np.zeros((1, len(ids) + n), np.int32)  # one shape; causality makes the zeros after `end` inert
@@ -63,10 +65,10 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
   full = model(tokens)
   prompt, S = 8, 20
   last = jnp.array([prompt - 1, 3])  # the prefill's logits at one position per row
-  logits, (k, v) = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)), last)
+  logits, kv = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)), last)
   np.testing.assert_allclose(logits, full[jnp.arange(2), last], atol=1e-4)
-  pad = [(0, 0), (0, 0), (0, 0), (0, S - prompt), (0, 0)]  # the cache is [layers, B, kv_heads, S, head_dim]
-  cache = (jnp.pad(k.swapaxes(2, 3), pad), jnp.pad(v.swapaxes(2, 3), pad))
+  pad = [(0, 0), (0, 0), (0, S - prompt), (0, 0)]  # a layer's cache is [B, kv_heads, S, head_dim]
+  cache = tuple(tuple(jnp.pad(c.swapaxes(1, 2), pad) for c in layer) for layer in kv)
   for t in range(prompt, S):
     window = t + 1 if t % 2 else None  # the fewest slots that hold position t, or all of them
     logits, cache = model.decode(tokens[:, t:t + 1], jnp.full((2, 1), t), cache, window)
@@ -100,12 +102,13 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
   sampler = make_sampler(tokenizer)
   graphdef = abstract_model(sampler.cfg.model)[0]
   forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens)[0])
+  params = stacked(sampler.params)
   n = 10
   for knobs in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.8, seed=5)):
     want = []
     for i, prompt in enumerate(JOB):
       key = jax.random.fold_in(jax.random.fold_in(jax.random.key(knobs.get("seed", 0)), i), 0)
-      want.append(naive_sample(forward, sampler.params, sampler.encode(prompt), n, key, knobs["temperature"],
+      want.append(naive_sample(forward, params, sampler.encode(prompt), n, key, knobs["temperature"],
                                knobs.get("top_p", 1.0), tokenizer.vocab_size))
     stops = {want[0][3], want[1][6], want[2][1], tokenizer.eos_id}  # rows end at different points
     want = [until_stop(w, stops) for w in want]
@@ -238,10 +241,10 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
   # decoder on one device.
   default = Sampler.from_workdir(run)
   assert dict(default.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-  wq = default.params["blocks"]["wq"]
-  assert wq.sharding.shard_shape(wq.shape) == (wq.shape[0], wq.shape[1], wq.shape[2] // 2, wq.shape[3])
+  wq = default.params["blocks"][0]["wq"]
+  assert wq.sharding.shard_shape(wq.shape) == (wq.shape[0], wq.shape[1] // 2, wq.shape[2])
   sampler = Sampler.from_workdir(run, mesh_cfg=config.MeshConfig(data=2, fsdp=2, tensor=2))
-  assert sampler.params["blocks"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert sampler.params["blocks"][0]["wq"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   params = jax.tree.map(np.asarray, sampler.params)
   for r in rows:
     want = naive_greedy(sampler.cfg, params, sampler.encode(r["prompt"]), 6)
