@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -128,9 +127,9 @@ def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top
   return tokens, chosen - jax.nn.logsumexp(logits_BxV, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _request_keys(seed: int, index_R: jax.Array, sample_R: jax.Array) -> jax.Array:
-  base = jax.random.key(seed)
+@jax.jit
+def _request_keys(seed_key_data: jax.Array, index_R: jax.Array, sample_R: jax.Array) -> jax.Array:
+  base = jax.random.wrap_key_data(seed_key_data)  # the seed's key as data: one compile serves every seed
   keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(index_R, sample_R)
   return jax.random.key_data(keys)
 
@@ -388,7 +387,7 @@ class Sampler:
       tokens[r, :len(request.ids)] = request.ids
       lengths[r], budgets[r], slots[r] = len(request.ids), request.budget, slot
       index[r], sample[r] = request.index, request.sample
-    key_data = np.asarray(_request_keys(knobs.seed, index, sample))
+    key_data = np.asarray(_request_keys(jax.random.key_data(jax.random.key(knobs.seed)), index, sample))
     insert = self.insert_function(B, S, R, P)
     start = time.perf_counter()
     state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, key_data)), *knobs.arrays())
