@@ -101,7 +101,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--job-prompts", type=int, default=512)
   parser.add_argument("--job-batch", type=int, default=16)
-  parser.add_argument("--chunk", type=int, default=16)
+  parser.add_argument("--job-chunk", type=int, default=4, help="decode steps between retiring and inserting rows in job mode")
+  parser.add_argument("--chunk", type=int, default=16, help="decode steps per compiled call in decode mode")
   parser.add_argument("--hf-prompt-tokens", type=int, default=64)
   parser.add_argument("--hf-new-tokens", type=int, default=128)
   parser.add_argument("--skip-job", action="store_true")
@@ -110,7 +111,7 @@ def main() -> None:
     sampler, theirs = imported_llama(tmp)
   print(f"model: random Llama, 4 layers, width 256, 4 heads / 2 kv heads, vocab 32000; device: {jax.devices()[0].device_kind}\n")
   if not args.skip_job:
-    job_table(sampler, args.job_prompts, args.job_batch, args.chunk)
+    job_table(sampler, args.job_prompts, args.job_batch, args.job_chunk)
   hf_table(sampler, theirs, args.hf_prompt_tokens, args.hf_new_tokens, args.chunk)
 
 
