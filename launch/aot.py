@@ -417,7 +417,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
       ("KV cache per chip", size(cache_chip)),
       *[(f"decode {label}", value) for label, value in memory],
       # XLA counts the body of the scan of decode steps once (the sampler runs its layers one by one).
-      ("decode XLA bytes accessed", f"{size(float(cost.get('bytes accessed', float('nan'))))} (scan bodies counted once)"),
+      ("decode XLA bytes accessed", f"{size(float(cost.get('bytes accessed', float('nan'))))} (the step scan's body counted once)"),
       ("decode XLA estimated time", f"{seconds * 1e6:.1f} us (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
       ("interconnect per token per chip", f"{size(sum(b * n for _, _, b, n in found) / tokens)} "
        f"(collectives in the compiled decode, loop bodies x trip counts, / {tokens} tokens)"),
