@@ -161,8 +161,9 @@ def load_params(ckpts, step: int, cfg: Config, mesh: Mesh) -> Any:
 
 class Sampler:
   def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh, quantize: str | None = None):
-    """`params`: stacked, as a checkpoint holds them; the sampler keeps each layer's weights apart
-    (see `Transformer.decode`). `quantize="int8"`: int8 weights computed from them (lm.quantize)."""
+    """`params`: stacked as a checkpoint holds them (or another sampler's); the sampler keeps each
+    layer's weights apart (see `Transformer.decode`). `quantize="int8"`: int8 weights computed from
+    them (lm.quantize)."""
     self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
     self.speculation: Any = None  # an lm.speculative.Speculation: decode rounds of proposed tokens instead of steps
     self.rules = cfg.mesh.rules
