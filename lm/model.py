@@ -1,4 +1,5 @@
-"""Llama-family decoder-only transformer in Flax NNX, with layers stacked and scanned."""
+"""Llama-family decoder-only transformer in Flax NNX, with layers stacked and scanned (training) or
+listed and run in turn (sampling)."""
 
 from __future__ import annotations
 
@@ -269,6 +270,8 @@ class Transformer(nnx.Module):
     their own that the matmuls read where they lie, where XLA:CPU copies a stacked layer's slices
     out first, reading them three times per step. Decoding is bound by those reads, so a caller
     whose positions all lie below a shorter window reads only that much."""
+    if not isinstance(self.blocks, nnx.List):
+      raise TypeError("Transformer.decode runs listed blocks: build the model with stacked=False")
     B, T = tokens_BxT.shape
     S = cache[0][0].shape[2]
     W = window or S

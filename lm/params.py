@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -18,18 +19,33 @@ def abstract_model(cfg: ModelConfig, stacked: bool = True) -> tuple[nnx.GraphDef
   return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), stacked)))
 
 
-def unstack(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh, rules: dict[str, list[str]]) -> dict[str, Any]:
+def unstack(params: dict[str, Any], cfg: ModelConfig, mesh: Mesh, rules: dict[str, list[str]],
+            consume: bool = False) -> dict[str, Any]:
   """Stacked parameters (a checkpoint's) as those of `Transformer(cfg, stacked=False)`, each layer's
   weights arrays of their own, split where they lie. Abstract params (shapes with shardings) give
-  abstract ones. Listed ones (another sampler's) are returned as they are."""
+  abstract ones. Listed ones (another sampler's) are returned as they are. `consume`: the caller
+  hands `params` over, and each stacked weight leaves it once split, so the split never holds much
+  more than one copy of the weights."""
   if all(isinstance(key, int) for key in params["blocks"]):
     return params
   _, abstract = abstract_model(cfg, stacked=False)
-  split = jax.jit(lambda p: p | {"blocks": {i: jax.tree.map(lambda x: x[i], p["blocks"]) for i in range(cfg.num_layers)}},
-                  out_shardings=param_shardings(abstract, mesh, rules))
-  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
-    return jax.eval_shape(split, params)
-  return split(params)
+  shardings = param_shardings(abstract, mesh, rules)["blocks"]
+  blocks = params.pop("blocks") if consume else dict(params["blocks"])
+  listed: dict[int, dict[str, Any]] = {i: {} for i in range(cfg.num_layers)}
+  for name in list(blocks):
+    split = splitter(tuple(shardings[i][name] for i in range(cfg.num_layers)))
+    stacked = blocks.pop(name)
+    layers = jax.eval_shape(split, stacked) if isinstance(stacked, jax.ShapeDtypeStruct) else split(stacked)
+    del stacked  # with `consume`, the last reference: freed before the next weight is split
+    for i, layer in enumerate(layers):
+      listed[i][name] = layer
+  return {k: v for k, v in params.items() if k != "blocks"} | {"blocks": listed}
+
+
+@functools.cache
+def splitter(shardings: tuple[NamedSharding, ...]) -> Any:
+  """One compiled split of a stacked weight into its layers, shared by every sampler that loads it."""
+  return jax.jit(lambda x: [x[i] for i in range(len(shardings))], out_shardings=list(shardings))
 
 
 def is_matrix(axes: tuple[str, ...]) -> bool:

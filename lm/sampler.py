@@ -29,6 +29,7 @@ from lm import config, sharding
 from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.params import abstract_model, param_shardings, unstack
+from lm.quantize import check as check_quantize
 from lm.quantize import quantized
 from lm.tokenizer import Tokenizer, file_digest
 
@@ -199,8 +200,9 @@ class Sampler:
     if recorded and tokenizer_path.is_file() and (digest := file_digest(tokenizer_path)) != recorded:
       raise ConfigError(f"tokenizer '{tokenizer_path}' has SHA-256 {digest[:12]}..., but step {step} was trained with {recorded[:12]}...; restore the run's tokenizer")
     mesh = sharding.make_mesh(cfg.mesh)
+    check_quantize(quantize)
     try:
-      params = load_params(ckpts, step, cfg, mesh)
+      params = unstack(load_params(ckpts, step, cfg, mesh), cfg.model, mesh, cfg.mesh.rules, consume=True)
     finally:
       ckpts.close()
     sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh, quantize)
@@ -241,7 +243,7 @@ class Sampler:
              "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
     return state | (self.speculation.abstract_state(self, B, S) if self.speculation else {})
 
-  def prefill(self, params, cache, tokens_RxP, lengths_R, slots_R) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  def prefill(self, params, cache, tokens_RxP, lengths_R, slots_R) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
     """Each prompt's last logits, and the cache with the prompts' keys and values written into rows
     `slots_R` (ids past the last row: padding prompts, dropped)."""
     R, P = tokens_RxP.shape

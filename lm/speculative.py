@@ -82,6 +82,7 @@ class Ngram:
     return state | {"history": state["history"].at[slots_R].set(rows_RxS, mode="drop")}
 
   def propose(self, target: Sampler, params, state, keys_B, K: int, knobs, window: int) -> tuple[jax.Array, jax.Array, Any]:
+    """`window` is the draft model's (no cache here)."""
     history_BxS, pos_B = state["history"], state["pos"]  # the pending token sits at pos
     S = history_BxS.shape[1]
     j_S = jnp.arange(S)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +17,8 @@ from flax import nnx
 from lm import config, sharding
 from lm.config import ConfigError
 from lm.model import Transformer
-from lm.params import abstract_model
-from lm.sampler import Knobs, Sampler, choose
+from lm.params import abstract_model, unstack
+from lm.sampler import Knobs, Sampler, choose, window
 from tests.conftest import ROOT, run_trainer, stacked, tiny_overrides
 
 
@@ -123,6 +124,27 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
       assert sampler.timing.decode_tokens == sum(map(len, want))  # kept tokens only
 
 
+def test_unstack_gives_each_layer_its_own_weights_and_lets_go_of_the_stacked_ones():
+  cfg = config.load(None, tiny_overrides(**{"model.num_layers": 3}) + ["mesh.data=1", "mesh.fsdp=1"])
+  want = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(0)))))
+  params = jax.tree.map(jnp.asarray, want)  # held by nothing else, as a restored checkpoint's
+  gone = [weakref.ref(x) for x in jax.tree.leaves(params["blocks"])]
+  listed = unstack(params, cfg.model, sharding.make_mesh(cfg.mesh, jax.devices()[:1]), cfg.mesh.rules, consume=True)
+  for name, stacked_weight in want["blocks"].items():
+    for i in range(3):
+      np.testing.assert_array_equal(listed["blocks"][i][name], stacked_weight[i])
+  np.testing.assert_array_equal(listed["embed"], want["embed"])
+  assert all(ref() is None for ref in gone)  # freed as they were split: never two copies of the weights
+
+
+def test_a_window_covers_what_a_chunk_reaches_in_at_most_four_sizes():
+  for S in (16, 100, 256, 1000):
+    sizes = {window(need, S) for need in range(1, S + 1)}
+    assert len(sizes) <= 4 and max(sizes) == S
+    assert all(need <= window(need, S) <= S for need in range(1, S + 1))
+  assert window(S + 9, S) == S
+
+
 def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
   sampler = make_sampler(tokenizer)
   rng = np.random.default_rng(0)
@@ -131,6 +153,7 @@ def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
   stops = [int(t) for t in rng.choice(tokenizer.vocab_size, 40, replace=False)]  # rows finish all over
   out = sampler.generate(prompts, max_new_tokens=12, temperature=1.0, batch_size=8, chunk=4, stop_tokens=stops[:7])
   assert len({len(c.token_ids) for c in out}) > 3
+  assert any(k[4] < k[2] for k in sampler.compiled if k[0] == "decode")  # ("decode", B, S, steps, window): some read less
   # One empty state, a decode chunk per window (at most 4); inserts by power-of-two row count (1..8)
   # and prompt bucket (16, 32, 64).
   assert len(sampler.compiled) <= 1 + 4 + 4 * 3, list(sampler.compiled)
