@@ -423,7 +423,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
        f"(collectives in the compiled decode, loop bodies x trip counts, / {tokens} tokens)"),
       ("  of which weight all-gathers", size(gathered / tokens)),
       ("HBM read per token per chip", f"{size((weights_chip + cache_chip) * chunk / tokens)} "
-       f"(weights + KV cache per step, / {rows} rows)"),
+       f"(weights + the whole KV cache per step, / {rows} rows)"),
   ], "fits": fits, "collectives": found, "weight_gather_bytes": gathered}
 
 if __name__ == "__main__":
