@@ -18,7 +18,7 @@ from lm import config, sharding
 from lm.config import ConfigError
 from lm.model import Transformer
 from lm.params import abstract_model, unstack
-from lm.sampler import Knobs, Sampler, choose, window
+from lm.sampler import Knobs, Sampler, choose, prompt_bucket, window
 from tests.conftest import ROOT, run_trainer, stacked, tiny_overrides
 
 
@@ -145,6 +145,13 @@ def test_a_window_covers_what_a_chunk_reaches_in_at_most_four_sizes():
   assert window(S + 9, S) == S
 
 
+def test_a_prompt_pads_by_under_a_quarter_in_few_shapes():
+  sizes = {prompt_bucket(n, 512) for n in range(1, 513)}
+  assert sorted(sizes) == [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+  assert all(0 <= prompt_bucket(n, 512) - n < max(16, n / 4) for n in range(1, 513))
+  assert prompt_bucket(300, 260) == 260
+
+
 def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
   sampler = make_sampler(tokenizer)
   rng = np.random.default_rng(0)
@@ -154,13 +161,12 @@ def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
   out = sampler.generate(prompts, max_new_tokens=12, temperature=1.0, batch_size=8, chunk=4, stop_tokens=stops[:7])
   assert len({len(c.token_ids) for c in out}) > 3
   assert any(k[4] < k[2] for k in sampler.compiled if k[0] == "decode")  # ("decode", B, S, steps, window): some read less
-  # One empty state, a decode chunk per window (at most 4); inserts by power-of-two row count (1..8)
-  # and prompt bucket (16, 32, 64).
-  assert len(sampler.compiled) <= 1 + 4 + 4 * 3, list(sampler.compiled)
+  # One empty state, a decode chunk per window (at most 4), an insert per prompt bucket (16, 32, 48, 64).
+  assert len(sampler.compiled) <= 1 + 4 + 4, list(sampler.compiled)
   before = dict(sampler.compiled)
   sampler.generate(prompts[::-1], max_new_tokens=12, temperature=0.5, top_k=5, batch_size=8, chunk=4, seed=3)
   assert sampler.compiled.keys() <= before.keys() | {k for k in sampler.compiled if k[0] == "insert"}
-  assert len(sampler.compiled) <= 1 + 4 + 4 * 3
+  assert len(sampler.compiled) <= 1 + 4 + 4
 
 
 def test_sampling_knobs():
