@@ -382,7 +382,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
 
   from lm import sharding
   from lm.params import abstract_model, param_shardings
-  from lm.sampler import Sampler, bucket, prompt_bucket
+  from lm.sampler import Sampler, bucket, prefill_rows, prompt_bucket
 
   hbm = CHIPS[family][0]
   rules = cfg.mesh.rules
@@ -395,7 +395,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
                         param_shardings(abstract, mesh, rules))
   sampler = Sampler(cfg, params, None, mesh, quantize)
   S = bucket(prompt_len + new_tokens, cfg.model.max_seq_len)
-  insert = sampler.insert_function(rows, S, sampler.rows_multiple, prompt_bucket(prompt_len, S))
+  insert = sampler.insert_function(rows, S, prefill_rows(rows, sampler.rows_multiple), prompt_bucket(prompt_len, S))
   chunk = cfg.sample.chunk
   decode = sampler.decode_function(rows, S, chunk)
   cache = 2 * cfg.model.num_layers * rows * S * cfg.model.num_kv_heads * head_dim(cfg.model)

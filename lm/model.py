@@ -294,7 +294,7 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens_BxT, one_hot=vocab_split())
     new_cache = []
     blocks = list(self.blocks)
-    for i, layer_cache in enumerate(cache):
+    for i, layer_cache in zip(range(len(blocks)), cache, strict=True):
       if i + 1 < len(blocks):
         x, blocks[i + 1] = held_back(x, blocks[i + 1])
       block = blocks[i]

@@ -95,9 +95,16 @@ def bucket(length: int, limit: int) -> int:
 
 def prompt_bucket(length: int, limit: int) -> int:
   """A prefill's padded length: up to a multiple of an eighth of the next power of two (at least
-  MIN_BUCKET), so a prompt pads by under a quarter in few shapes (16 sizes up to 512), never past `limit`."""
+  MIN_BUCKET): under a quarter of padding past 64 tokens, in few shapes (16 up to 512 tokens, four more
+  per doubling), never past `limit`."""
   step = max(MIN_BUCKET, (1 << (length - 1).bit_length()) // 8)
   return min(-(-length // step) * step, limit)
+
+
+def prefill_rows(prompts: int, multiple: int) -> int:
+  """The rows of one prefill call for `prompts` prompts of one bucket: a power of two times `multiple`
+  (the fewest rows the mesh splits evenly), so few shapes compile."""
+  return multiple << ((-(-prompts // multiple)).bit_length() - 1)
 
 
 def scaled_logits(logits_BxV: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -386,30 +393,38 @@ class Sampler:
           slots[s] = None
 
   def _insert(self, state, batch: list[Request], free: list[int], knobs: Knobs, B: int, S: int):
-    """Prefills `batch` into slots `free`, shortest prompts first and `rows_multiple` at a time (the
-    fewest rows the mesh splits evenly), each call padded to its own longest prompt's bucket: prompts
-    prefilled together would all pad to the longest."""
+    """Prefills `batch` into slots `free`, shortest prompts first, the prompts of one bucket together
+    (`prefill_rows` at a time): no prompt pads to a longer one's bucket."""
     start, compiling = time.perf_counter(), self.timing.compile_seconds
     pairs = sorted(zip(batch, free), key=lambda pair: len(pair[0].ids))
-    for i in range(0, len(pairs), self.rows_multiple):
-      state = self._prefill_rows(state, pairs[i:i + self.rows_multiple], knobs, B, S)
+    index, sample = np.zeros((B,), np.int32), np.zeros((B,), np.int32)  # B rows: one compile
+    index[:len(pairs)], sample[:len(pairs)] = zip(*((r.index, r.sample) for r, _ in pairs))
+    key_data = np.asarray(_request_keys(jax.random.key_data(jax.random.key(knobs.seed)), index, sample))
+    done = 0
+    while done < len(pairs):
+      P = prompt_bucket(len(pairs[done][0].ids), S)
+      same = sum(prompt_bucket(len(r.ids), S) == P for r, _ in pairs[done:])  # a run, as they are sorted
+      R = prefill_rows(same, self.rows_multiple)
+      n = min(R, same)
+      state = self._prefill_rows(state, pairs[done:done + n], key_data[done:done + n], R, P, knobs, B, S)
+      done += n
     state = jax.block_until_ready(state)
     self.timing.prefill_seconds += time.perf_counter() - start - (self.timing.compile_seconds - compiling)
     return state
 
-  def _prefill_rows(self, state, pairs: list[tuple[Request, int]], knobs: Knobs, B: int, S: int):
-    R, P = self.rows_multiple, prompt_bucket(max(len(request.ids) for request, _ in pairs), S)
+  def _prefill_rows(self, state, pairs: list[tuple[Request, int]], key_data: np.ndarray, R: int, P: int, knobs: Knobs,
+                    B: int, S: int):
+    """One compiled prefill of `pairs` (request, slot), padded to R rows of P tokens."""
     tokens = np.zeros((R, P), np.int32)
     lengths, budgets = np.ones((R,), np.int32), np.ones((R,), np.int32)
     slots = np.full((R,), B, np.int32)  # past the last slot: dropped
-    index, sample = np.zeros((R,), np.int32), np.zeros((R,), np.int32)
+    keys = np.zeros((R, key_data.shape[1]), key_data.dtype)
+    keys[:len(pairs)] = key_data
     for r, (request, slot) in enumerate(pairs):
       tokens[r, :len(request.ids)] = request.ids
       lengths[r], budgets[r], slots[r] = len(request.ids), request.budget, slot
-      index[r], sample[r] = request.index, request.sample
-    key_data = np.asarray(_request_keys(jax.random.key_data(jax.random.key(knobs.seed)), index, sample))
     insert = self.insert_function(B, S, R, P)
-    state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, key_data)), *knobs.arrays())
+    state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, keys)), *knobs.arrays())
     if self.speculation:
       state = self.speculation.insert(self, state, *map(self._rows, (tokens, lengths, slots)))
     self.timing.prefill_tokens += int(lengths[:len(pairs)].sum())

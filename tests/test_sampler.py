@@ -149,7 +149,7 @@ def test_a_prompt_pads_by_under_a_quarter_in_few_shapes():
   sizes = {prompt_bucket(n, 512) for n in range(1, 513)}
   assert sorted(sizes) == [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
   assert all(0 <= prompt_bucket(n, 512) - n < max(16, n / 4) for n in range(1, 513))
-  assert prompt_bucket(300, 260) == 260
+  assert prompt_bucket(257, 260) == 260 and prompt_bucket(5, 8) == 8
 
 
 def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
@@ -161,12 +161,15 @@ def test_compiled_functions_do_not_grow_with_the_job(tokenizer):
   out = sampler.generate(prompts, max_new_tokens=12, temperature=1.0, batch_size=8, chunk=4, stop_tokens=stops[:7])
   assert len({len(c.token_ids) for c in out}) > 3
   assert any(k[4] < k[2] for k in sampler.compiled if k[0] == "decode")  # ("decode", B, S, steps, window): some read less
-  # One empty state, a decode chunk per window (at most 4), an insert per prompt bucket (16, 32, 48, 64).
-  assert len(sampler.compiled) <= 1 + 4 + 4, list(sampler.compiled)
+  # One empty state, a decode chunk per window (at most 4), an insert per (power-of-two row count,
+  # prompt bucket): 1 to 8 rows of 16, 32, 48 or 64 tokens.
+  inserts = [k for k in sampler.compiled if k[0] == "insert"]  # ("insert", B, S, R, P)
+  assert {k[3] for k in inserts} <= {1, 2, 4, 8} and {k[4] for k in inserts} <= {16, 32, 48, 64}, inserts
+  assert len(sampler.compiled) <= 1 + 4 + 4 * 4, list(sampler.compiled)
   before = dict(sampler.compiled)
   sampler.generate(prompts[::-1], max_new_tokens=12, temperature=0.5, top_k=5, batch_size=8, chunk=4, seed=3)
   assert sampler.compiled.keys() <= before.keys() | {k for k in sampler.compiled if k[0] == "insert"}
-  assert len(sampler.compiled) <= 1 + 4 + 4
+  assert len(sampler.compiled) <= 1 + 4 + 4 * 4
 
 
 def test_sampling_knobs():
