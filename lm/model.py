@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -223,26 +223,29 @@ class Transformer(nnx.Module):
     logits = dense(h, w_DxV).astype(jnp.float32)
     return constrain(logits, ("batch", None, "vocab"))
 
-  def _layers(self, carry: Any, layer: Callable) -> tuple[Any, Any]:
-    """Runs `layer(block, carry) -> (carry, per_layer_output)` over the blocks: a scan over stacked
-    ones (outputs stacked along a leading layer axis), a loop over a list (outputs listed)."""
+  def _layers(self, carry: Any, layer: Callable, per_layer: Sequence | None = None) -> tuple[Any, Any]:
+    """Runs `layer(block, carry, input) -> (carry, per_layer_output)` over the blocks, `input` the
+    layer's item of `per_layer` (None without it): a scan over stacked ones (outputs stacked along a
+    leading layer axis), a loop over a list (outputs listed), each listed layer's weights held back
+    until the layer before starts (`held_back`)."""
     if isinstance(self.blocks, nnx.List):
-      outputs = []
       blocks = list(self.blocks)
-      for i in range(len(blocks)):
+      outputs = []
+      for i, item in zip(range(len(blocks)), [None] * len(blocks) if per_layer is None else per_layer, strict=True):
         if i + 1 < len(blocks):
           carry, blocks[i + 1] = held_back(carry, blocks[i + 1])
-        carry, out = layer(blocks[i], carry)
+        carry, out = layer(blocks[i], carry, item)
         outputs.append(out)
       return carry, outputs
     graphdef, stacked = nnx.split(self.blocks)
 
-    def step(carry, block_state):
-      return layer(nnx.merge(graphdef, block_state), carry)
+    def step(carry, xs):
+      block_state, item = xs
+      return layer(nnx.merge(graphdef, block_state), carry, item)
 
     if self.cfg.remat != "none":
       step = jax.checkpoint(step, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-    return jax.lax.scan(step, carry, stacked)
+    return jax.lax.scan(step, carry, (stacked, per_layer))
 
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None) -> jax.Array:
@@ -252,7 +255,7 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
     attention = self_attention(self.cfg, segment_ids_BxL)
-    x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x: (block(x, positions_BxL, attention), None))
+    x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x, _: (block(x, positions_BxL, attention), None))
     return self.logits(x)
 
   def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array,
@@ -263,7 +266,7 @@ class Transformer(nnx.Module):
     reads one position."""
     attention = self_attention(self.cfg, segment_ids_BxL)
 
-    def layer(block, x):
+    def layer(block, x, _):
       q, k, v = block.qkv(x, positions_BxL)
       return block.finish(x, attention(q, k, v)), (k, v)
 
@@ -291,19 +294,14 @@ class Transformer(nnx.Module):
     rows_Bx1 = jnp.arange(B)[:, None]
     visible_BxTxW = jnp.arange(W)[None, None] <= positions_BxT[..., None]
 
-    x = self.embed_tokens(tokens_BxT, one_hot=vocab_split())
-    new_cache = []
-    blocks = list(self.blocks)
-    for i, layer_cache in zip(range(len(blocks)), cache, strict=True):
-      if i + 1 < len(blocks):
-        x, blocks[i + 1] = held_back(x, blocks[i + 1])
-      block = blocks[i]
+    def layer(block, x, layer_cache):
       q, k, v = block.qkv(x, positions_BxT)
       layer_cache = tuple(c.at[rows_Bx1, :, positions_BxT].set(new.astype(c.dtype), mode="drop")
                           for c, new in zip(layer_cache, (k, v)))
       seen = layer_cache if W == S else tuple(c[:, :, :W] for c in layer_cache)
-      x = block.finish(x, attend_heads_first(q, *seen, visible_BxTxW))
-      new_cache.append(layer_cache)
+      return block.finish(x, attend_heads_first(q, *seen, visible_BxTxW)), layer_cache
+
+    x, new_cache = self._layers(self.embed_tokens(tokens_BxT, one_hot=vocab_split()), layer, cache)
     return self.logits(x), tuple(new_cache)
 
 
