@@ -1,8 +1,8 @@
-"""Decode throughput with int8 weights against float ones: python -m bench.decode_speed
+"""Decode throughput with int8 weights, and with an int8 KV cache, against float ones: python -m bench.decode_speed
 
 Greedy decoding by the KV-cached sampler on the width-384 benchmark model (random weights: the speed
-does not depend on them), at batch 1 and 8, once with the float parameters and once with
-`quantize="int8"`. Each configuration is compiled and run once before it is timed.
+does not depend on them), at batch 1 and 8: with the float parameters and cache, with
+`quantize="int8"`, and with `kv="int8"`. Each configuration is compiled and run once before it is timed.
 """
 
 from __future__ import annotations
@@ -43,16 +43,18 @@ def main() -> None:
   cfg = config.load(None, MODEL + [f"model.vocab_size={tok.vocab_size}", f"model.dtype={args.dtype}"])
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   params = nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(0))))
-  samplers = {"float": Sampler(cfg, params, tok, mesh), "int8": Sampler(cfg, params, tok, mesh, "int8")}
+  samplers = {"float": Sampler(cfg, params, tok, mesh), "int8": Sampler(cfg, params, tok, mesh, "int8"),
+              "kv": Sampler(cfg, params, tok, mesh, kv="int8")}
   prompt = tok.decode(tok.encode(" ".join(docs[0].split()))[: args.prompt_tokens - 1])  # with BOS: prompt_tokens
   print(f"model: {count_params(cfg.model) / 1e6:.1f}M parameters (6 layers, width 384, vocab {tok.vocab_size}), "
         f"{args.dtype} compute; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy; "
         f"device: {jax.devices()[0].device_kind}\n")
-  print("| batch | float weights: decode tokens/s | int8 weights: decode tokens/s | int8 / float |")
-  print("|---|---|---|---|")
+  print("| batch | float: decode tokens/s | int8 weights: decode tokens/s | int8 / float | int8 KV cache: decode tokens/s | int8 KV / float |")
+  print("|---|---|---|---|---|---|")
   for rows in (1, 8):
     rates = {name: decode_rate(s, prompt, rows, args.new_tokens) for name, s in samplers.items()}
-    print(f"| {rows} | {rates['float']:,.0f} | {rates['int8']:,.0f} | {rates['int8'] / rates['float']:.2f}x |")
+    print(f"| {rows} | {rates['float']:,.0f} | {rates['int8']:,.0f} | {rates['int8'] / rates['float']:.2f}x "
+          f"| {rates['kv']:,.0f} | {rates['kv'] / rates['float']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Compile the real training step for a TPU topology ahead of time, with no TPU present:
-python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW [--quantize int8]] [--fit] [key=value ...]
+python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample ROWS,PROMPT,NEW [--quantize int8] [--kv-cache int8]] [--fit] [key=value ...]
 
 Prints, per chip, the memory XLA's analysis gives (parameters, optimizer state, activations and
 temporaries), whether it fits the chip's HBM, XLA's FLOP count and estimated step time, and the
 MFU they imply (both count the layer scan's body once, so no tokens/s is derived from them). With --sample it also compiles the sampler (prefill,
 then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
-its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them). Exits 1 when either does not fit; a training step that does not fit is one line,
+its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them;
+with --kv-cache int8, for an int8 key/value cache). Exits 1 when either does not fit; a training step that does not fit is one line,
 what it needs per chip against what the chip has. --fit searches the largest train.batch_size that
 fits with the configured model.remat, then the cheapest remat that fits it, and prints them as the overrides to use.
 """
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 from lm import config
-from lm.config import ConfigError, head_dim
+from lm.config import ConfigError
 
 GIB = 1 << 30
 # family: (HBM bytes per chip, TensorCores per chip as named in "v5p-8", torus dims); peak FLOP/s
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--sample", metavar="ROWS,PROMPT,NEW", help="also compile the sampler for this batch")
   parser.add_argument("--fit", action="store_true", help="search the largest train.batch_size and cheapest model.remat that fit")
   parser.add_argument("--quantize", metavar="int8", help="the sampler's weights: weight-only int8")
+  parser.add_argument("--kv-cache", metavar="int8", help="the sampler's key/value cache: int8")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_intermixed_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
   except ImportError:
     print("error: launch.aot needs libtpu: pip install -e '.[tpu]'", file=sys.stderr)
     return 1
-  from lm.quantize import check as check_quantize  # after JAX_PLATFORMS is set
+  from lm import kv_cache  # after JAX_PLATFORMS is set
+  from lm.quantize import check as check_quantize
 
   try:
     cfg = config.load(args.config, args.overrides)
@@ -86,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     sample = sample_shape(args.sample) if args.sample else None
-    if args.quantize and not sample:
-      raise ConfigError("--quantize applies to the sampler: add --sample ROWS,PROMPT,NEW")
+    for flag, value in (("--quantize", args.quantize), ("--kv-cache", args.kv_cache)):
+      if value and not sample:
+        raise ConfigError(f"{flag} applies to the sampler: add --sample ROWS,PROMPT,NEW")
     check_quantize(args.quantize)
+    kv_cache.check(args.kv_cache)
     if cfg.model.vocab_size == 0:
       raise ConfigError("model.vocab_size is 0; set it (the tokenizer is not loaded here)")
     mesh = topology_mesh(cfg, family, dims, args.slices)
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = [step]
     if sample:
       sample_cfg = sampling_config(cfg, mesh.devices.size, any(o.startswith("mesh.") for o in args.overrides))
-      reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample, args.quantize))
+      reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample, args.quantize,
+                                     args.kv_cache))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -373,7 +379,7 @@ def is_weight(shape: tuple[int, ...], params) -> bool:
 
 
 def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len: int, new_tokens: int,
-                    quantize: str | None = None) -> dict:
+                    quantize: str | None = None, kv: str | None = None) -> dict:
   """The sampler's insert (prefill into slots) and decode chunk, with parameters sharded and cast as
   `lm-sample` restores them, on the mesh given by mesh.* overrides or else the decode mesh."""
   import jax
@@ -393,14 +399,12 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   dtype = jnp.dtype(cfg.model.dtype)
   params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, dtype, sharding=s), nnx.to_pure_dict(abstract),
                         param_shardings(abstract, mesh, rules))
-  sampler = Sampler(cfg, params, None, mesh, quantize)
+  sampler = Sampler(cfg, params, None, mesh, quantize, kv)
   S = bucket(prompt_len + new_tokens, cfg.model.max_seq_len)
   insert = sampler.insert_function(rows, S, prefill_rows(rows, sampler.rows_multiple), prompt_bucket(prompt_len, S))
   chunk = cfg.sample.chunk
   decode = sampler.decode_function(rows, S, chunk)
-  cache = 2 * cfg.model.num_layers * rows * S * cfg.model.num_kv_heads * head_dim(cfg.model)
-  cache_shards = math.prod(sharding.shards(mesh, entry) for entry in sampler.cache_sharding.spec)
-  cache_chip = cache * dtype.itemsize / cache_shards
+  cache_chip = per_chip(sampler.abstract_state(rows, S)["cache"])
   weights_chip = per_chip(sampler.params)
   found = collectives(decode.as_text())
   gathered = sum(b * n for kind, shape, b, n in found if kind == "all-gather" and is_weight(shape, params))
@@ -411,7 +415,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   seconds = float(cost.get("optimal_seconds", float("nan")))
   return {"rows": [
       ("sampling", f"{rows} slots x {S} positions ({prompt_len} prompt + {new_tokens} new), decode chunk {chunk}"),
-      ("decode mesh", f"{dict(mesh.shape)}, {quantize or cfg.model.dtype} weights"),
+      ("decode mesh", f"{dict(mesh.shape)}, {quantize or cfg.model.dtype} weights, {kv or cfg.model.dtype} KV cache"),
       attention_row(insert),
       ("parameters per chip", size(weights_chip)),
       ("KV cache per chip", size(cache_chip)),

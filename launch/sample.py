@@ -33,13 +33,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens proposed per speculative round")
   parser.add_argument("--output", help="JSON lines, written as completions finish; a rerun resumes it")
   parser.add_argument("--quantize", metavar="int8", help="weight-only int8, computed from the checkpoint at load")
+  parser.add_argument("--kv-cache", metavar="int8", help="an int8 key/value cache, one scale per token and head")
   parser.add_argument("overrides", nargs="*", metavar="mesh.KEY=VALUE", help="decode mesh settings, and sample.chunk")
   args = parser.parse_intermixed_args(argv)
   from absl import logging
 
   import jax
 
-  from lm import distributed, jobs, speculative  # after argument parsing, so --help needs no jax
+  from lm import distributed, jobs, kv_cache, speculative  # after argument parsing, so --help needs no jax
   from lm.quantize import check as check_quantize
   from lm.sampler import Knobs, Sampler, check_sampling
 
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize()
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
     check_quantize(args.quantize)
+    kv_cache.check(args.kv_cache)
     if args.chunk is not None and args.chunk < 1:
       raise ConfigError(f"--chunk={args.chunk} must be at least 1")
     prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
-    sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides, quantize=args.quantize)
+    sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides, quantize=args.quantize,
+                                   kv=args.kv_cache)
     if args.draft or args.speculate:
       proposer = speculative.load_draft(sampler, args.draft) if args.draft else speculative.Ngram()
       speculative.speculate(sampler, proposer, args.draft_tokens)
@@ -68,12 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                   "logprobs": args.logprobs}
       if args.quantize:
         settings["quantize"] = args.quantize
+      if args.kv_cache:
+        settings["kv_cache"] = args.kv_cache
       if sampler.speculation:  # sampled tokens depend on the proposer (greedy ones do not, but one rule is simpler)
         settings["speculate"] = f"{args.draft or args.speculate}, {args.draft_tokens} tokens"
       out, done = jobs.open_output(args.output, settings, write=writer)
       requests = [r for r in requests if (r.index, r.sample) not in done]
     if writer:
-      print(f"mesh: {dict(sampler.mesh.shape)} ({sampler.cfg.model.dtype} weights); {len(requests)} completions to make",
+      dtype = sampler.cfg.model.dtype
+      print(f"mesh: {dict(sampler.mesh.shape)} ({args.quantize or dtype} weights, {args.kv_cache or dtype} KV cache); "
+            f"{len(requests)} completions to make",
             file=sys.stderr)
     progress = jobs.Progress(len(requests))
     t = sampler.timing

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
-from lm import splash
+from lm import kv_cache, splash
 from lm.config import ModelConfig, head_dim
 from lm.sharding import constrain, current, platform, shards, spec
 
@@ -62,9 +62,12 @@ def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mas
   return attend_heads_first(q_BxLxNxH, k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxLxS)
 
 
-def attend_heads_first(q_BxLxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array, mask_BxLxS: jax.Array) -> jax.Array:
-  """`attend` on keys and values laid out as the matmuls read them (the decode cache's layout)."""
+def attend_heads_first(q_BxLxNxH: jax.Array, k: kv_cache.Entry, v: kv_cache.Entry, mask_BxLxS: jax.Array) -> jax.Array:
+  """`attend` on keys and values laid out as the matmuls read them (the decode cache's layout); int8
+  ones (lm.kv_cache) scale the scores and the probabilities by their slots' scales."""
   B, L, N, H = q_BxLxNxH.shape
+  k_BxKxSxH, k_scale_BxKxS = kv_cache.parts(k, q_BxLxNxH.dtype)
+  v_BxKxSxH, v_scale_BxKxS = kv_cache.parts(v, q_BxLxNxH.dtype)
   K, S = k_BxKxSxH.shape[1:3]
   G = N // K
   q_BxKxGxLxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
@@ -78,8 +81,13 @@ def attend_heads_first(q_BxLxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: ja
   else:  # the heads that share a key/value head stacked along the query axis: one matmul per kv head
     logits = jnp.matmul(q_BxKxGxLxH.reshape(B, K, G * L, H), k_BxKxHxS, preferred_element_type=jnp.float32)
     logits_BxKxGxLxS = logits.reshape(B, K, G, L, S)
+  if k_scale_BxKxS is not None:
+    logits_BxKxGxLxS = logits_BxKxGxLxS * k_scale_BxKxS[:, :, None, None]
   logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS * H**-0.5, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1).astype(v_BxKxSxH.dtype)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+  if v_scale_BxKxS is not None:
+    probs = probs * v_scale_BxKxS[:, :, None, None]
+  probs = probs.astype(v_BxKxSxH.dtype)
   if per_head:
     out_BxKxGxLxH = jnp.stack([jnp.matmul(probs[:, :, g], v_BxKxSxH) for g in range(G)], axis=2)
   else:
@@ -275,10 +283,10 @@ class Transformer(nnx.Module):
       return self.logits(jnp.take_along_axis(x, last_B[:, None, None], axis=1))[:, 0], kv
     return self.logits(x), kv
 
-  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[tuple[jax.Array, jax.Array], ...],
-             window: int | None = None) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
+  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[tuple[kv_cache.Entry, kv_cache.Entry], ...],
+             window: int | None = None) -> tuple[jax.Array, tuple[tuple[kv_cache.Entry, kv_cache.Entry], ...]]:
     """Runs T new tokens against a key/value cache of S slots per layer, [B, kv_heads, S, head_dim]
-    each (the layout attention reads without a transpose), slot s holding position s: writes their
+    each (the layout attention reads without a transpose; float or int8, lm.kv_cache), slot s holding position s: writes their
     keys and values at their positions and attends causally to the first `window` slots (all S by
     default). Returns logits and the cache.
 
@@ -296,9 +304,8 @@ class Transformer(nnx.Module):
 
     def layer(block, x, layer_cache):
       q, k, v = block.qkv(x, positions_BxT)
-      layer_cache = tuple(c.at[rows_Bx1, :, positions_BxT].set(new.astype(c.dtype), mode="drop")
-                          for c, new in zip(layer_cache, (k, v)))
-      seen = layer_cache if W == S else tuple(c[:, :, :W] for c in layer_cache)
+      layer_cache = tuple(kv_cache.write(c, (rows_Bx1, slice(None), positions_BxT), new) for c, new in zip(layer_cache, (k, v)))
+      seen = layer_cache if W == S else tuple(kv_cache.first(c, W) for c in layer_cache)
       return block.finish(x, attend_heads_first(q, *seen, visible_BxTxW)), layer_cache
 
     x, new_cache = self._layers(self.embed_tokens(tokens_BxT, one_hot=vocab_split()), layer, cache)

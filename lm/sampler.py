@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from lm import config, sharding
+from lm import config, kv_cache, sharding
 from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.params import abstract_model, param_shardings, unstack
@@ -175,11 +175,13 @@ def load_params(ckpts, step: int, cfg: Config, mesh: Mesh) -> Any:
 
 
 class Sampler:
-  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh, quantize: str | None = None):
+  def __init__(self, cfg: Config, params: Any, tokenizer: Tokenizer | None, mesh: Mesh, quantize: str | None = None,
+               kv: str | None = None):
     """`params`: stacked as a checkpoint holds them (or another sampler's); the sampler keeps each
     layer's weights apart (see `Transformer.decode`). `quantize="int8"`: int8 weights computed from
-    them (lm.quantize)."""
-    self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+    them (lm.quantize). `kv="int8"`: an int8 key/value cache (lm.kv_cache)."""
+    kv_cache.check(kv)
+    self.cfg, self.tokenizer, self.mesh, self.kv = cfg, tokenizer, mesh, kv
     self.speculation: Any = None  # an lm.speculative.Speculation: decode rounds of proposed tokens instead of steps
     self.rules = cfg.mesh.rules
     self.graphdef, _ = abstract_model(cfg.model, stacked=False)
@@ -188,7 +190,7 @@ class Sampler:
     if quantize:
       self.graphdef, self.params = quantized(self.params, cfg.model, mesh, self.rules, quantize, stacked=False)
     self.rows_multiple = sharding.data_parallel_size(mesh, self.rules)
-    self.cache_sharding = sharding.named(mesh, ("batch", "kv_heads", None, None), self.rules)
+    self.cache_sharding = kv_cache.entry_sharding(kv, mesh, self.rules)
     self.compiled: dict[tuple, Any] = {}
     self.timing = Timing()
     self.step: int | None = None  # the checkpoint's, when restored from one
@@ -196,10 +198,12 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
-                   overrides: Sequence[str] = (), quantize: str | None = None) -> "Sampler":
+                   overrides: Sequence[str] = (), quantize: str | None = None, kv: str | None = None) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
     mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it, and
     `sample.*` ones the sampling settings."""
+    check_quantize(quantize)
+    kv_cache.check(kv)
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
@@ -214,12 +218,11 @@ class Sampler:
     if recorded and tokenizer_path.is_file() and (digest := file_digest(tokenizer_path)) != recorded:
       raise ConfigError(f"tokenizer '{tokenizer_path}' has SHA-256 {digest[:12]}..., but step {step} was trained with {recorded[:12]}...; restore the run's tokenizer")
     mesh = sharding.make_mesh(cfg.mesh)
-    check_quantize(quantize)
     try:
       params = unstack(load_params(ckpts, step, cfg, mesh), cfg.model, mesh, cfg.mesh.rules, consume=True)
     finally:
       ckpts.close()
-    sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh, quantize)
+    sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh, quantize, kv)
     sampler.step, sampler.tokenizer_digest = step, recorded
     return sampler
 
@@ -249,7 +252,7 @@ class Sampler:
   # whether it is done, its key.
   def abstract_state(self, B: int, S: int) -> dict[str, Any]:
     m = self.cfg.model
-    kv = jax.ShapeDtypeStruct((B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype), sharding=self.cache_sharding)
+    kv = kv_cache.abstract_entry(self.kv, (B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype), self.cache_sharding)
     row = lambda dtype, *shape: jax.ShapeDtypeStruct(
         (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
@@ -265,7 +268,7 @@ class Sampler:
     segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
     with sharding.activation_rules(self.mesh, self.rules):
       last_RxV, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)), lengths_R - 1)
-    write = lambda c, new_RxPxKxH: c.at[slots_R, :, :P].set(new_RxPxKxH.swapaxes(1, 2).astype(c.dtype), mode="drop")
+    write = lambda c, new_RxPxKxH: kv_cache.write(c, (slots_R, slice(None), slice(0, P)), new_RxPxKxH.swapaxes(1, 2))
     cache = tuple(tuple(jax.lax.with_sharding_constraint(write(c, new), self.cache_sharding) for c, new in zip(*layer))
                   for layer in zip(cache, kv))
     return last_RxV, cache

@@ -230,7 +230,7 @@ def load_draft(target: Sampler, spec: str) -> Draft:
   """`--draft DIR[:STEP]`: a run restored onto the target's mesh, trained with the target's tokenizer."""
   head, sep, tail = spec.rpartition(":")
   workdir, step = (head, int(tail)) if sep and tail.isdigit() else (spec, None)
-  draft = Sampler.from_workdir(Path(workdir), step, mesh_cfg=target.cfg.mesh)
+  draft = Sampler.from_workdir(Path(workdir), step, mesh_cfg=target.cfg.mesh, kv=target.kv)
   if draft.tokenizer_digest != target.tokenizer_digest:
     raise ConfigError(f"--draft '{workdir}' was trained with tokenizer SHA-256 {str(draft.tokenizer_digest)[:12]}..., "
                       f"the target with {str(target.tokenizer_digest)[:12]}...; a draft must share the target's tokenizer")

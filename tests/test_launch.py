@@ -120,7 +120,8 @@ def aot_total(out: str, label: str = "total per chip") -> float:
 def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   base = ["--config", "configs/tiny.yaml", "--topology", "v5e-4", "model.vocab_size=2048", "mesh.data=1", "mesh.fsdp=-1"]
   small = launch("aot", *base, "train.batch_size=8", "--sample", "4,128,128")  # settings on both sides of options
-  large = launch("aot", *base, "train.batch_size=64", "--slices", "2", "--sample", "8,128,128", "--quantize", "int8")
+  large = launch("aot", *base, "train.batch_size=64", "--slices", "2", "--sample", "8,128,128", "--quantize", "int8",
+                 "--kv-cache", "int8")
   assert small.returncode == 0, small.stderr
   assert large.returncode == 0, large.stderr
   assert "topology                           v5e-4 x1: 4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in small.stdout
@@ -136,6 +137,9 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   m = config.load("configs/tiny.yaml").model  # keys and values of every layer, 4 rows x 256 slots, rows over 4 chips
   cache = 2 * m.num_layers * 4 * 256 * m.num_kv_heads * (m.d_model // m.num_heads) * 4 / 4
   assert aot_total(small.stdout, "KV cache per chip") == pytest.approx(cache, rel=0.01)
+  # --kv-cache int8, 8 rows over 8 chips: a byte per value and a float32 scale per token and kv head
+  int8_cache = 2 * m.num_layers * 1 * 256 * m.num_kv_heads * (m.d_model // m.num_heads + 4)
+  assert aot_total(large.stdout, "KV cache per chip") == pytest.approx(int8_cache, rel=0.03)
   assert aot_total(small.stdout, "decode total per chip") > cache
   assert aot_total(small.stdout, "  of which weight all-gathers") > 0  # mesh.fsdp=-1: the FSDP sampling mesh
   # int8 weights: at most 0.55x a bfloat16 copy of the float32 parameters the plain sampler holds
@@ -230,6 +234,9 @@ def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128,128", "--quantize", "int4")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: --quantize 'int4' is not one of: int8"
+  out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128,128", "--kv-cache", "fp8")
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: --kv-cache 'fp8' is not one of: int8"
   (tmp_path / "libtpu.py").write_text("raise ImportError('not installed')\n")
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", env={"PYTHONPATH": str(tmp_path)})
   assert out.returncode == 1
