@@ -242,10 +242,16 @@ class Sampler:
       out += [Request(i, j, prompt, ids, max_new_tokens) for j in range(num_samples)]
     return out
 
+  def row_sharding(self, ndim: int) -> Any:
+    """Rows (the leading axis) over the data axes, the rest whole."""
+    return sharding.named(self.mesh, ("batch",) + (None,) * (ndim - 1), self.rules)
+
+  def row_struct(self, dtype, *shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=self.row_sharding(len(shape)))
+
   def _rows(self, x: np.ndarray) -> jax.Array:
     """A batch-sharded global array from a host array that every process holds whole."""
-    rows = sharding.named(self.mesh, ("batch",) + (None,) * (x.ndim - 1), self.rules)
-    return jax.make_array_from_callback(x.shape, rows, lambda index: x[index])
+    return jax.make_array_from_callback(x.shape, self.row_sharding(x.ndim), lambda index: x[index])
 
   # Device state: each layer's keys and values plus, per slot, the token drawn but not yet emitted,
   # its log-probability, the next cache position, how many tokens the row has drawn before it,
@@ -253,8 +259,7 @@ class Sampler:
   def abstract_state(self, B: int, S: int) -> dict[str, Any]:
     m = self.cfg.model
     kv = kv_cache.abstract_entry(self.kv, (B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype), self.cache_sharding)
-    row = lambda dtype, *shape: jax.ShapeDtypeStruct(
-        (B, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
+    row = lambda dtype, *shape: self.row_struct(dtype, B, *shape)
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
     state = {"cache": ((kv, kv),) * m.num_layers, "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
              "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
@@ -330,8 +335,7 @@ class Sampler:
 
   def insert_function(self, B: int, S: int, R: int, P: int) -> Any:
     """Compiled prefill of R prompts of a P-token bucket into a state of B slots of S positions."""
-    row = lambda dtype, *shape: jax.ShapeDtypeStruct(
-        (R, *shape), dtype, sharding=sharding.named(self.mesh, ("batch",) + (None,) * len(shape), self.rules))
+    row = lambda dtype, *shape: self.row_struct(dtype, R, *shape)
     state = self.abstract_state(B, S)
     return self._compile(("insert", B, S, R, P), self._insert_fn, self._abstract(self.params), state,
                          row(jnp.int32, P), row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.uint32, state["key"].shape[1]),

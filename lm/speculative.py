@@ -70,8 +70,7 @@ class Ngram:
     self.params: dict = {}  # no weights
 
   def abstract_state(self, target: Sampler, B: int, S: int) -> dict[str, Any]:
-    rows = sharding.named(target.mesh, ("batch", None), target.rules)
-    return {"history": jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=rows)}
+    return {"history": target.row_struct(jnp.int32, B, S)}
 
   def insert(self, target: Sampler, params, state, tokens_RxP, lengths_R, slots_R):
     R, P = tokens_RxP.shape
