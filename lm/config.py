@@ -273,6 +273,8 @@ def validate(cfg: Config) -> None:
   checks = [
       (m.num_heads % m.num_kv_heads == 0, f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}"),
       (m.head_dim > 0 or m.d_model % m.num_heads == 0, f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; set model.head_dim"),
+      (head_dim(m) % 2 == 0, f"model.d_model={m.d_model} over model.num_heads={m.num_heads} gives head_dim {head_dim(m)}; rotary embeddings need it even (or set model.head_dim)"
+       if not m.head_dim else f"model.head_dim={m.head_dim} must be even for rotary embeddings"),
       (t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}"),
       (t.batch_size % t.grad_accum == 0, f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"),
       (0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)"),

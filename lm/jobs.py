@@ -47,10 +47,16 @@ def prompts_digest(prompts: list[str]) -> str:
 
 def open_output(path: str | Path, settings: dict[str, Any], write: bool = True) -> tuple[TextIO | None, set[tuple[int, int]]]:
   """The output file, opened for appending (when `write`), and the (index, sample) pairs it holds."""
-  path = Path(path)
+  try:
+    return _open_output(Path(path), settings, write)
+  except OSError as e:
+    raise ConfigError(f"--output '{path}' cannot be written: {e.strerror or e}") from None
+
+
+def _open_output(path: Path, settings: dict[str, Any], write: bool) -> tuple[TextIO | None, set[tuple[int, int]]]:
   raw = path.read_bytes() if path.exists() else b""
   complete = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a killed run is dropped
-  lines = complete.decode().splitlines()
+  lines = complete.decode(errors="replace").splitlines()  # not UTF-8: not ours, refused below
   done: set[tuple[int, int]] = set()
   if lines:
     try:

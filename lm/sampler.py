@@ -355,6 +355,10 @@ class Sampler:
     benchmark's baseline): new prompts enter only when every slot is free, and each batch runs
     `static` decode steps (its max_new_tokens) however early its rows stop. `chunk`: decode steps
     per compiled call, by default the config's `sample.chunk`."""
+    if batch_size < 1:
+      raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    if bad := [t for t in stop_tokens if not 0 <= t < self.vocab]:
+      raise ConfigError(f"stop token {bad[0]} is not a token id of this vocabulary (0 to {self.vocab - 1})")
     chunk = chunk or self.cfg.sample.chunk
     waiting = collections.deque(requests)
     if not waiting:

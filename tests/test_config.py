@@ -33,6 +33,8 @@ def test_int_is_accepted_where_a_float_is_expected():
     ("model.remat=some", r"config key 'model.remat' is 'some'; valid: none, full, save_matmuls"),
     ("train.steps", r"override 'train.steps' is not of the form key=value"),
     ("model.num_kv_heads=3", r"model.num_kv_heads=3 must divide model.num_heads=4"),
+    ("model.d_model=100", r"model.d_model=100 over model.num_heads=4 gives head_dim 25; rotary embeddings need it even \(or set model.head_dim\)"),
+    ("model.head_dim=7", r"model.head_dim=7 must be even for rotary embeddings"),
     ("train.seq_len=4096", r"train.seq_len=4096 exceeds model.max_seq_len=256"),
     ("log.every=-1", r"config key 'log.every' is -1; it should be greater than or equal to 0"),
     ("train.grad_accum=0", r"config key 'train.grad_accum' is 0; it should be greater than 0"),

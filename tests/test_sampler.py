@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import config, sharding
+from lm import config, jobs, sharding
 from lm.config import ConfigError
 from lm.model import Transformer
 from lm.params import abstract_model, unstack
@@ -244,6 +244,20 @@ def test_input_errors(tokenizer):
     sampler.generate(["a long prompt " * 3], max_new_tokens=60)
   with pytest.raises(ConfigError, match=r"top_p=1.5 must be in \(0, 1\]"):
     sampler.generate(["ok"], max_new_tokens=8, top_p=1.5)
+  with pytest.raises(ConfigError, match="^batch_size=0 must be at least 1$"):  # it used to loop for ever
+    sampler.generate(["ok"], max_new_tokens=8, batch_size=0)
+  with pytest.raises(ConfigError, match=rf"^stop token {tokenizer.vocab_size} is not a token id of this vocabulary \(0 to {tokenizer.vocab_size - 1}\)$"):
+    sampler.generate(["ok"], max_new_tokens=8, stop_tokens=(3, tokenizer.vocab_size))
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
+  for path, why in ((tmp_path / "missing" / "out.jsonl", "No such file or directory"), (tmp_path, "Is a directory")):
+    with pytest.raises(ConfigError, match=f"^--output '{path}' cannot be written: {why}$"):
+      jobs.open_output(path, {"seed": 0})
+  binary = tmp_path / "image.bin"
+  binary.write_bytes(bytes(range(256)))
+  with pytest.raises(ConfigError, match="exists and is not an lm-sample output"):
+    jobs.open_output(binary, {"seed": 0})
 
 
 @pytest.mark.slow
@@ -307,6 +321,7 @@ def sample_cli(*args):
     (["--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
     (["--prompt", "x", "--max-new-tokens", "5000"], "exceeds the model's max_seq_len=64"),
     (["--prompts", "{bad}"], "p.jsonl:2: malformed JSON"),
+    (["--prompt", "x", "--max-new-tokens", "4", "--batch-size", "-3"], "batch_size=-3 must be at least 1"),
 ])
 def test_cli_errors_are_one_line(args, message, one_step_run, tmp_path):
   bad = tmp_path / "p.jsonl"
