@@ -79,6 +79,10 @@ class Knobs:
   def arrays(self) -> tuple[jax.Array, ...]:
     return jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p)
 
+  def seed_key(self) -> jax.Array:
+    """The seed's key as data: one compile serves every seed."""
+    return jax.random.key_data(jax.random.key(self.seed))
+
 
 @dataclasses.dataclass
 class Slot:
@@ -140,13 +144,6 @@ def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top
   tokens = jax.lax.cond(temperature == 0, lambda: jnp.argmax(logits_BxV, axis=-1), sample)
   chosen = jnp.take_along_axis(logits_BxV, tokens[:, None], axis=-1)[:, 0]
   return tokens, chosen - jax.nn.logsumexp(logits_BxV, axis=-1)
-
-
-@jax.jit
-def _request_keys(seed_key_data: jax.Array, index_R: jax.Array, sample_R: jax.Array) -> jax.Array:
-  base = jax.random.wrap_key_data(seed_key_data)  # the seed's key as data: one compile serves every seed
-  keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(index_R, sample_R)
-  return jax.random.key_data(keys)
 
 
 def window(need: int, S: int) -> int:
@@ -286,17 +283,20 @@ class Sampler:
       self.compiled["empty", B, S] = jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
     return self.compiled["empty", B, S]()
 
-  def _insert_fn(self, params, state, tokens_RxP, lengths_R, budget_R, slots_R, key_data_R, temperature, top_k, top_p):
-    """Prefills R prompts and writes them into slots `slots_R` (ids past the last slot: padding rows)."""
+  def _insert_fn(self, params, state, tokens_RxP, lengths_R, budget_R, slots_R, index_R, sample_R, seed_key,
+                 temperature, top_k, top_p):
+    """Prefills R prompts (the job's `index_R`, samples `sample_R`) and writes them into slots `slots_R`
+    (ids past the last slot: padding rows)."""
     last_RxV, cache = self.prefill(params, state["cache"], tokens_RxP, lengths_R, slots_R)
-    keys_R = jax.random.wrap_key_data(key_data_R)
+    seed = jax.random.wrap_key_data(seed_key)
+    keys_R = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(seed, i), j))(index_R, sample_R)
     token, logprob = choose(jax.vmap(jax.random.fold_in)(keys_R, jnp.zeros_like(lengths_R)), last_RxV,
                             temperature, top_k, top_p, self.vocab)
     put = lambda a, x: a.at[slots_R].set(x.astype(a.dtype), mode="drop")
     return state | {"cache": cache, "token": put(state["token"], token), "logprob": put(state["logprob"], logprob),
                     "pos": put(state["pos"], lengths_R), "count": put(state["count"], jnp.zeros_like(lengths_R)),
                     "budget": put(state["budget"], budget_R), "done": put(state["done"], jnp.zeros_like(lengths_R, bool)),
-                    "key": put(state["key"], key_data_R)}
+                    "key": put(state["key"], jax.random.key_data(keys_R))}
 
   def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, steps, window):
     """`steps` decode steps for every slot, attending to the first `window` cache slots; emits each
@@ -333,13 +333,15 @@ class Sampler:
   def _knob_shapes(self) -> tuple:
     return tuple(jax.ShapeDtypeStruct((), d) for d in (jnp.float32, jnp.int32, jnp.float32))
 
+  def _seed_shape(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(Knobs().seed_key().shape, jnp.uint32)
+
   def insert_function(self, B: int, S: int, R: int, P: int) -> Any:
     """Compiled prefill of R prompts of a P-token bucket into a state of B slots of S positions."""
     row = lambda dtype, *shape: self.row_struct(dtype, R, *shape)
     state = self.abstract_state(B, S)
     return self._compile(("insert", B, S, R, P), self._insert_fn, self._abstract(self.params), state,
-                         row(jnp.int32, P), row(jnp.int32), row(jnp.int32), row(jnp.int32), row(jnp.uint32, state["key"].shape[1]),
-                         *self._knob_shapes())
+                         row(jnp.int32, P), *[row(jnp.int32)] * 5, self._seed_shape(), *self._knob_shapes())
 
   def decode_function(self, B: int, S: int, steps: int, window: int | None = None) -> Any:
     """Compiled chunk of `steps` decode steps over B slots of S positions, attending to the first
@@ -371,13 +373,14 @@ class Sampler:
     S = bucket(max(len(r.ids) + r.budget for r in waiting), self.cfg.model.max_seq_len)
     advance = chunk * (self.speculation.k + 1 if self.speculation else 1)  # the most a row moves in a chunk
     state = self.empty_state(B, S)
+    knob_arrays, seed_key = knobs.arrays(), knobs.seed_key()  # once: each array made costs a dispatch
     slots: list[Slot | None] = [None] * B
     steps_in_batch = 0
     while waiting or any(slots):
       free = [s for s, slot in enumerate(slots) if slot is None]
       if waiting and free and (not static or len(free) == B):
         batch = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-        state = self._insert(state, batch, free, knobs, B, S)
+        state = self._insert(state, batch, free, (seed_key, *knob_arrays), B, S)
         for s, request in zip(free, batch):
           slots[s] = Slot(request)
         steps_in_batch = 0
@@ -388,7 +391,7 @@ class Sampler:
       else:
         decode = self.decode_function(B, S, chunk, window(need, S))
       start = time.perf_counter()
-      state, ids, lps, live = decode(self.params, state, *knobs.arrays(), stop_ids)
+      state, ids, lps, live = decode(self.params, state, *knob_arrays, stop_ids)
       ids, lps, live = multihost_utils.process_allgather((ids, lps, live), tiled=True)
       self.timing.decode_seconds += time.perf_counter() - start
       if self.speculation:
@@ -403,39 +406,35 @@ class Sampler:
         if slot.finished and steps_in_batch >= static:  # static: the batch frees its slots together
           slots[s] = None
 
-  def _insert(self, state, batch: list[Request], free: list[int], knobs: Knobs, B: int, S: int):
+  def _insert(self, state, batch: list[Request], free: list[int], knob_arrays: tuple[jax.Array, ...], B: int, S: int):
     """Prefills `batch` into slots `free`, shortest prompts first, the prompts of one bucket together
-    (`prefill_rows` at a time): no prompt pads to a longer one's bucket."""
+    (`prefill_rows` at a time): no prompt pads to a longer one's bucket. `knob_arrays`: the seed's key
+    and the sampling knobs."""
     start, compiling = time.perf_counter(), self.timing.compile_seconds
     pairs = sorted(zip(batch, free), key=lambda pair: len(pair[0].ids))
-    index, sample = np.zeros((B,), np.int32), np.zeros((B,), np.int32)  # B rows: one compile
-    index[:len(pairs)], sample[:len(pairs)] = zip(*((r.index, r.sample) for r, _ in pairs))
-    key_data = np.asarray(_request_keys(jax.random.key_data(jax.random.key(knobs.seed)), index, sample))
     done = 0
     while done < len(pairs):
       P = prompt_bucket(len(pairs[done][0].ids), S)
       same = sum(prompt_bucket(len(r.ids), S) == P for r, _ in pairs[done:])  # a run, as they are sorted
       R = prefill_rows(same, self.rows_multiple)
       n = min(R, same)
-      state = self._prefill_rows(state, pairs[done:done + n], key_data[done:done + n], R, P, knobs, B, S)
+      state = self._prefill_rows(state, pairs[done:done + n], R, P, knob_arrays, B, S)
       done += n
     state = jax.block_until_ready(state)
     self.timing.prefill_seconds += time.perf_counter() - start - (self.timing.compile_seconds - compiling)
     return state
 
-  def _prefill_rows(self, state, pairs: list[tuple[Request, int]], key_data: np.ndarray, R: int, P: int, knobs: Knobs,
+  def _prefill_rows(self, state, pairs: list[tuple[Request, int]], R: int, P: int, knob_arrays: tuple[jax.Array, ...],
                     B: int, S: int):
     """One compiled prefill of `pairs` (request, slot), padded to R rows of P tokens."""
     tokens = np.zeros((R, P), np.int32)
-    lengths, budgets = np.ones((R,), np.int32), np.ones((R,), np.int32)
+    lengths, budgets, index, sample = np.ones((R,), np.int32), np.ones((R,), np.int32), np.zeros((R,), np.int32), np.zeros((R,), np.int32)
     slots = np.full((R,), B, np.int32)  # past the last slot: dropped
-    keys = np.zeros((R, key_data.shape[1]), key_data.dtype)
-    keys[:len(pairs)] = key_data
     for r, (request, slot) in enumerate(pairs):
       tokens[r, :len(request.ids)] = request.ids
-      lengths[r], budgets[r], slots[r] = len(request.ids), request.budget, slot
+      lengths[r], budgets[r], slots[r], index[r], sample[r] = len(request.ids), request.budget, slot, request.index, request.sample
     insert = self.insert_function(B, S, R, P)
-    state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, keys)), *knobs.arrays())
+    state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, index, sample)), *knob_arrays)
     if self.speculation:
       state = self.speculation.insert(self, state, *map(self._rows, (tokens, lengths, slots)))
     self.timing.prefill_tokens += int(lengths[:len(pairs)].sum())
