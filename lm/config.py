@@ -251,13 +251,22 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
       raise ConfigError(f"config file '{path}' does not exist")
     for k, v in flatten(yaml.safe_load(path.read_text()) or {}).items():
       set_key(cfg, k, v, keys)
+  apply_overrides(cfg, overrides)
+  return cfg
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str], only: tuple[str, ...] = ()) -> None:
+  """`key=value` settings (values parsed as YAML), then the checks; with `only`, just keys starting so."""
+  keys = all_keys()
   for item in overrides:
     key, sep, raw = item.partition("=")
+    key = key.strip()
+    if only and not key.startswith(only):
+      raise ConfigError(f"override '{item}' is not a setting this command takes ({', '.join(k for k in keys if k.startswith(only))})")
     if not sep:
       raise ConfigError(f"override '{item}' is not of the form key=value")
-    set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", keys)
+    set_key(cfg, key, yaml.safe_load(raw) if raw.strip() else "", keys)
   validate(cfg)
-  return cfg
 
 
 def from_dict(settings: dict[str, Any]) -> Config:

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -205,11 +204,7 @@ class Sampler:
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
     cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, jax.device_count()), rules=cfg.mesh.rules)
-    for item in overrides:
-      key, sep, value = item.partition("=")
-      if not key.startswith(("mesh.", "sample.")) or not sep:
-        raise ConfigError(f"override '{item}' is not a mesh.KEY=VALUE or sample.KEY=VALUE setting (sampling takes mesh.data, mesh.fsdp, mesh.tensor, mesh.rules, sample.chunk)")
-      config.set_key(cfg, key, yaml.safe_load(value))
+    config.apply_overrides(cfg, overrides, only=("mesh.", "sample."))
     tokenizer_path = run_tokenizer(workdir, meta)
     recorded = meta["tokenizer"].get("sha256")
     if recorded and tokenizer_path.is_file() and (digest := file_digest(tokenizer_path)) != recorded:

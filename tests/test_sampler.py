@@ -351,6 +351,8 @@ def sample_cli(*args):
     (["--prompt", "x", "--max-new-tokens", "5000"], "exceeds the model's max_seq_len=64"),
     (["--prompts", "{bad}"], "p.jsonl:2: malformed JSON"),
     (["--prompt", "x", "--max-new-tokens", "4", "--batch-size", "-3"], "batch_size=-3 must be at least 1"),
+    (["--prompt", "x", "mesh.data=-1", "mesh.tensor=-1"], "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+    (["--prompt", "x", "train.steps=3"], "override 'train.steps=3' is not a setting this command takes (mesh.data, "),
 ])
 def test_cli_errors_are_one_line(args, message, one_step_run, tmp_path):
   bad = tmp_path / "p.jsonl"
