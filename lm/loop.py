@@ -252,6 +252,7 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
     writer.say(f"data.workers={cfg.data.workers} is not used: token caches are packed in the training process, faster than in workers")
   state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say)
   start = int(state.step)
+  writer.begin(start)
   if lead:
     roll_back_metrics(workdir, start)
   val_batches = validation_batches(cfg, val_docs, tokenizer, stream)

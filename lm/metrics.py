@@ -14,15 +14,23 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
-  """Writes only where `enabled` (process 0), so several hosts never write the same files."""
+  """Writes only where `enabled` (process 0), so several hosts never write the same files. Metrics
+  are written from `begin` on, once the run knows the step it starts from."""
 
-  def __init__(self, workdir: Path, total_steps: int, enabled: bool = True, start_step: int = 0):
-    self.enabled = enabled
+  def __init__(self, workdir: Path, total_steps: int, enabled: bool = True):
+    self.enabled, self.workdir, self.total = enabled, workdir, total_steps
     self.path = workdir / "metrics.jsonl"
-    self.tb = SummaryWriter(str(workdir / "tensorboard")) if enabled else None
+    self.tb: SummaryWriter | None = None
     self.bar = None
-    if enabled and sys.stderr.isatty():
-      self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+  def begin(self, start: int) -> None:
+    """From step `start`: TensorBoard hides what an earlier run logged after it (those steps are
+    about to be recomputed, as metrics.jsonl's rows are rolled back), and the bar counts from it."""
+    if not self.enabled:
+      return
+    self.tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=start + 1)
+    if sys.stderr.isatty():
+      self.bar = tqdm.tqdm(total=self.total, initial=start, unit="step", dynamic_ncols=True)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:

@@ -6,6 +6,7 @@ import os
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 from lm.checkpoint import Checkpoints
 from tests.conftest import ROOT, run_trainer, trainer_command
@@ -25,6 +27,22 @@ STEPS = ["train.steps=12", "log.every=1", "eval.every=6", "checkpoint.every=6"]
 def losses(workdir: Path) -> dict[int, float]:
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def tensorboard_scalars(workdir: Path, tag: str) -> list[tuple[int, float]]:
+  """What TensorBoard shows of a tag: the event files in order, where a restart (a SessionLog START at
+  step s) hides what was logged before it from step s on."""
+  shown = []
+  for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at < len(data):  # TFRecords: length, its CRC, the event, its CRC
+      length = struct.unpack("<Q", data[at:at + 8])[0]
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 16 + length
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        shown = [(step, v) for step, v in shown if step < event.step]
+      shown += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+  return shown
 
 
 def final_params(workdir: Path, step: int) -> dict:
@@ -74,6 +92,9 @@ def test_resume_on_another_device_count_and_mesh_shape(straight, tmp_path):
   np.testing.assert_allclose([resumed[s] for s in range(1, 13)], [reference[s] for s in range(1, 13)], atol=1e-5)
   rolled_back = [json.loads(r)["step"] for r in (workdir / "metrics.rolled-back.jsonl").read_text().splitlines()]
   assert min(rolled_back) == 7  # rows of the steps that were recomputed are kept aside, not lost
+  shown = tensorboard_scalars(workdir, "loss")  # each step once, the resumed run's from step 7 on
+  assert [step for step, _ in shown] == list(range(1, 13))
+  np.testing.assert_allclose([v for _, v in shown], [resumed[s] for s in range(1, 13)], rtol=1e-6)
 
 
 def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_path):

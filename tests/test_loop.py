@@ -1,14 +1,35 @@
 """The real trainer, run as a user runs it: python -m launch.train."""
 
+import io
 import json
 import math
 import re
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
+from lm import metrics
 from tests.conftest import run_trainer, tiny_overrides
+
+
+class Terminal(io.StringIO):
+  def isatty(self) -> bool:
+    return True
+
+
+def test_a_resumed_runs_progress_bar_counts_from_its_start(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "stderr", Terminal())
+  writer = metrics.MetricsWriter(tmp_path, 2000)
+  writer.begin(1000)
+  time.sleep(0.5)
+  writer.write(1010, {"loss": 1.0, "learning_rate": 1e-3})
+  writer.close()
+  bar = sys.stderr.getvalue().split("\r")[-1]
+  assert bar.startswith(" 50%|#####     | 1010/2000"), bar
+  assert 0 < float(re.search(r"([\d.]+)step/s", bar).group(1)) <= 20.5  # 10 steps in half a second or more, not 1010
 
 @pytest.mark.slow
 def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
