@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     cfg = config.load(args.config, args.overrides)
+    if args.slices < 1:
+      raise ConfigError(f"--slices={args.slices} must be at least 1")
     family, dims = topology_shape(args.topology)
     # what libtpu would otherwise look up in the TPU VM's metadata, warning on stderr when it cannot
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.topology)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +68,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
   args = parser.parse_args(argv)
   command = entry_command(parser, args.command)
+  if args.nodes < 1 or args.gpus_per_node < 1:
+    parser.exit(2, f"error: --nodes={args.nodes} and --gpus-per-node={args.gpus_per_node} must be at least 1\n")
   script = batch_script(args.nodes, args.gpus_per_node, args.process_per, command, args.job_name, args.time)
   if args.dry_run:
     print(script)
     print("\n".join(ranks(args.nodes, args.gpus_per_node, args.process_per, command)))
     return 0
+  if shutil.which("sbatch") is None:
+    print("error: sbatch is not on PATH: run this on a SLURM login node, or print the script with --dry-run", file=sys.stderr)
+    return 1
   return subprocess.run(["sbatch"], input=script, text=True).returncode
 
 

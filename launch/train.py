@@ -29,14 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize()
     cfg = config.load(args.config, args.overrides)
     state = loop.run(cfg, args.workdir, init_from=args.init_from)
-    if args.sample_prompt and int(state.step) == cfg.train.steps:
-      completion = sampler.generate(args.workdir, [args.sample_prompt], max_new_tokens=min(200, cfg.model.max_seq_len // 2),
-                                    temperature=0.7, top_p=0.95)[0]
-      if jax.process_index() == 0:
-        print(f"\nsample ({completion.finish_reason}):\n{completion.prompt}{completion.text}", flush=True)
   except (ConfigError, loop.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if args.sample_prompt and int(state.step) == cfg.train.steps:
+    try:
+      completion = sampler.generate(args.workdir, [args.sample_prompt], max_new_tokens=min(200, cfg.model.max_seq_len // 2),
+                                    temperature=0.7, top_p=0.95)[0]
+    except ConfigError as e:  # the run is trained and saved; only the sample is not to be had
+      print(f"no sample: {e}", file=sys.stderr)
+      return 0
+    if jax.process_index() == 0:
+      print(f"\nsample ({completion.finish_reason}):\n{completion.prompt}{completion.text}", flush=True)
   return 0
 
 

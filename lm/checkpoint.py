@@ -35,7 +35,7 @@ def run_tokenizer(workdir: str | Path, meta: dict[str, Any]) -> Path:
   return path if path.exists() else Path(workdir) / "tokenizer.model"
 
 
-class UnreadableCheckpoint(RuntimeError):
+class UnreadableCheckpoint(ConfigError):
   def __init__(self, step: int, file: str, reason: str):
     super().__init__(f"checkpoint at step {step} is unreadable ({file}: {reason})")
     self.step = step
@@ -185,6 +185,9 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    # orbax's close does not wait for the cleanup of temporary directories that the manager starts
+    # when it opens; a process that ends soon after (a config error) would print that thread's traceback.
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     self.reader.close()
     self.manager.close()
 

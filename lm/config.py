@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 Fraction = Annotated[float, pydantic.Field(ge=0.0, le=1.0)]
 Beta = Annotated[float, pydantic.Field(ge=0.0, lt=1.0)]
+Seed = Annotated[int, pydantic.Field(ge=0, lt=2**32)]
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class TrainConfig:
   b2: Beta = 0.95
   clip_norm: PositiveFloat = 1.0
   z_loss: NonNegativeFloat = 0.0
-  seed: int = 0
+  seed: Seed = 0
 
 
 @dataclasses.dataclass
@@ -249,7 +250,13 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     path = Path(path)
     if not path.is_file():
       raise ConfigError(f"config file '{path}' does not exist")
-    for k, v in flatten(yaml.safe_load(path.read_text()) or {}).items():
+    try:
+      settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"config file '{path}' is not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(settings, dict):
+      raise ConfigError(f"config file '{path}' holds a {type(settings).__name__}, not sections of key: value settings")
+    for k, v in flatten(settings).items():
       set_key(cfg, k, v, keys)
   apply_overrides(cfg, overrides)
   return cfg
@@ -265,7 +272,12 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str], only: tuple[st
       raise ConfigError(f"override '{item}' is not a setting this command takes ({', '.join(k for k in keys if k.startswith(only))})")
     if not sep:
       raise ConfigError(f"override '{item}' is not of the form key=value")
-    set_key(cfg, key, yaml.safe_load(raw) if raw.strip() else "", keys)
+    try:
+      value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override '{item}': {raw!r} is not a YAML value ({getattr(e, 'problem', None) or 'unparsable'}); "
+                        f"quote it as a string: {key}=\"'{raw}'\"") from None
+    set_key(cfg, key, value, keys)
   validate(cfg)
 
 

@@ -23,9 +23,13 @@ def read_prompts(path: str) -> list[str]:
   """One JSON object per line with a "prompt" string (a bare JSON string also works)."""
   file = Path(path)
   if not file.is_file():
-    raise ConfigError(f"--prompts file '{path}' does not exist")
+    raise ConfigError(f"--prompts file '{path}' {'is a directory' if file.is_dir() else 'does not exist'}")
+  try:
+    text = file.read_text()
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"--prompts file '{path}' is not UTF-8 text (byte {e.start})") from None
   prompts = []
-  for lineno, line in enumerate(file.read_text().splitlines(), 1):
+  for lineno, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:

@@ -31,6 +31,8 @@ class TrainingError(RuntimeError):
 
 
 def prepare_workdir(path: str | Path) -> Path:
+  if not str(path).strip():
+    raise ConfigError("--workdir is empty")  # Path("") would be the current directory
   workdir = Path(path)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -82,13 +84,14 @@ def evaluate(steps: Steps, state: TrainState, val_batches: list[dict[str, np.nda
 
 
 def roll_back_metrics(workdir: Path, step: int) -> None:
-  """Rows after the step we start from are moved aside: they are about to be recomputed."""
+  """Rows after the step we start from are moved aside: they are about to be recomputed. So is a
+  last row cut short by a killed run."""
   path = workdir / "metrics.jsonl"
   rows = path.read_text().splitlines(keepends=True) if path.exists() else []
-  keep = [r for r in rows if metrics.row_step(r) <= step]
+  keep = [r for r in rows if r.endswith("\n") and metrics.row_step(r) <= step]
   if len(keep) < len(rows):
     with (workdir / "metrics.rolled-back.jsonl").open("a") as f:
-      f.writelines(r for r in rows if metrics.row_step(r) > step)
+      f.writelines(r if r.endswith("\n") else r + "\n" for r in rows if r not in keep)
     path.write_text("".join(keep))
 
 
@@ -221,7 +224,8 @@ def validation_batches(cfg: Config, val_docs: Any, tokenizer: Tokenizer, stream:
 
 def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> TrainState:
   workdir = prepare_workdir(workdir)
-  lead = jax.process_index() == 0
+  if init_from is not None and not init_from.strip():
+    raise ConfigError("--init-from is empty; name another run's work directory (OTHER_WORKDIR[:STEP])")
   mesh = sharding.make_mesh(cfg.mesh)
   t = cfg.train
   sharding.check_batch(t.batch_size, mesh, cfg.mesh.rules)
@@ -230,6 +234,15 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
     raise ConfigError(f"train.batch_size/train.grad_accum={t.batch_size // t.grad_accum} is not divisible by the data-parallel size {dp}")
 
   ckpts = Checkpoints(workdir / "checkpoints", cfg.checkpoint)
+  try:
+    return _setup_and_train(cfg, workdir, init_from, mesh, ckpts)
+  except BaseException:
+    ckpts.close()  # its background threads would otherwise outlive the error line with a traceback
+    raise
+
+
+def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: Any, ckpts: Checkpoints) -> TrainState:
+  t, lead = cfg.train, jax.process_index() == 0
   source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
   train_docs, val_docs = data.split(cfg.data)
   inherited = run_tokenizer(resume.parse_init_from(init_from)[0], source[2]) if source else data.cache_tokenizer(cfg.data)
@@ -240,8 +253,6 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   meta = run_meta(config.to_dict(cfg), tokenizer.path)
   if source is not None:
     resume.check_init_from(init_from, source[2], cfg, meta)
-  if lead:
-    config.save(cfg, workdir / "config.yaml")
 
   steps = Steps(cfg, mesh)
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
@@ -252,8 +263,13 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
     writer.say(f"data.workers={cfg.data.workers} is not used: token caches are packed in the training process, faster than in workers")
   state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say)
   start = int(state.step)
+  if init_from and source is None:
+    writer.say(f"--init-from {init_from} is not used: {workdir} has checkpoints of its own, so it resumes from them")
+  if start >= t.steps:
+    writer.say(f"nothing to train: the run is at step {start} and train.steps={t.steps}")
   writer.begin(start)
   if lead:
+    config.save(cfg, workdir / "config.yaml")  # only once the checkpoint accepted these settings
     roll_back_metrics(workdir, start)
   val_batches = validation_batches(cfg, val_docs, tokenizer, stream)
   writer.say(f"model {count_params(cfg.model) / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "

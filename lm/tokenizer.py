@@ -23,7 +23,10 @@ class Tokenizer:
     if not path.is_file():
       raise ConfigError(f"tokenizer.path '{path}' does not exist; point it at a sentencepiece .model or leave it empty to train one")
     self.path = path
-    self.sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+      self.sp = spm.SentencePieceProcessor(model_file=str(path))
+    except RuntimeError:
+      raise ConfigError(f"tokenizer '{path}' is not a sentencepiece .model file") from None
 
   @property
   def sha256(self) -> str:

@@ -3,6 +3,7 @@ corruption, incompatible configs, fine-tuning starts and full disks."""
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -18,6 +19,8 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from lm.checkpoint import Checkpoints
+from lm.config import ConfigError
+from lm.sampler import Sampler
 from tests.conftest import ROOT, run_trainer, trainer_command
 
 pytestmark = pytest.mark.slow
@@ -122,6 +125,8 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one_and_is_kept(straigh
   shutil.copytree(straight, workdir)
   data_files = sorted((workdir / "checkpoints" / "12" / "params").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
   os.truncate(data_files[-1], data_files[-1].stat().st_size // 3)
+  with pytest.raises(ConfigError, match=r"^checkpoint at step 12 is unreadable \(.*checkpoints/12/params/"):
+    Sampler.from_workdir(workdir)  # lm-sample's (and --init-from's) one line
   out = run_trainer(workdir, *STEPS[1:], "train.steps=14")
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
@@ -136,10 +141,14 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one_and_is_kept(straigh
 def test_incompatible_config_fails_before_loading_and_safe_changes_are_reported(straight, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(straight, workdir)
+  settings = (workdir / "config.yaml").read_text()
   out = run_trainer(workdir, *STEPS, "model.d_ff=256", "model.num_layers=3")
   assert out.returncode == 1
   assert out.stderr.strip() == (f"error: cannot resume {workdir} from step 12: model.d_ff: 128 -> 256; "
                                 f"model.num_layers: 2 -> 3 differ from its checkpoint; use a new --workdir (or --init-from {workdir})")
+  assert (workdir / "config.yaml").read_text() == settings  # the run's record is not the refused settings
+  out = run_trainer(workdir, *STEPS[1:], "train.steps=6")
+  assert out.returncode == 0 and "nothing to train: the run is at step 12 and train.steps=6" in out.stdout
   out = run_trainer(workdir, *STEPS[1:], "train.steps=13", "train.learning_rate=0.001")
   assert out.returncode == 0, out.stderr
   assert "resuming with changed settings: train.learning_rate: 0.003 -> 0.001; train.steps: 12 -> 13" in out.stdout
@@ -147,14 +156,20 @@ def test_incompatible_config_fails_before_loading_and_safe_changes_are_reported(
 
 def test_init_from_takes_parameters_only(straight, tmp_path):
   workdir = tmp_path / "finetune"
-  out = run_trainer(workdir, "train.steps=1", "train.learning_rate=0.01", init_from=f"{straight}:6")
-  assert out.returncode == 0, out.stderr
+  long_prompt = "--sample-prompt=" + "x = 1\n" * 40  # past what the tiny model's sample can hold
+  out = run_trainer(workdir, "train.steps=1", "train.learning_rate=0.01", long_prompt, init_from=f"{straight}:6")
+  assert out.returncode == 0, out.stderr  # trained and saved: only the sample is skipped, in one line
+  assert re.search(r"^no sample: prompt 0 has \d+ tokens; with max_new_tokens=32 that exceeds the model's max_seq_len=64$",
+                   out.stderr, re.M)
   assert f"initialized parameters from {straight}:6 (step 6); fresh optimizer at step 0" in out.stdout
   # The first step of a warmup schedule has learning rate 0: the parameters are exactly step 6's.
   got, want = final_params(workdir, 1), final_params(straight, 6)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want)))
   ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
   assert ckpts.meta(1)["config"]["train"]["learning_rate"] == 0.01
+  out = run_trainer(workdir, "train.steps=2", init_from=str(straight))
+  assert out.returncode == 0, out.stderr
+  assert f"--init-from {straight} is not used: {workdir} has checkpoints of its own, so it resumes from them" in out.stdout
   out = run_trainer(tmp_path / "other", "model.d_model=96", init_from=str(straight))
   assert out.returncode == 1 and "model.d_model: 64 -> 96" in out.stderr
   out = run_trainer(tmp_path / "other", init_from=f"{straight}:5")
@@ -176,6 +191,13 @@ def test_full_disk_fails_the_save_clearly_and_keeps_earlier_checkpoints(straight
   assert "File too large" in errors[0]
   assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [6, 12]
   assert run_trainer(workdir, *STEPS[1:], "train.steps=14").returncode == 0
+
+
+def test_a_checkpoint_manager_closed_at_once_leaves_no_thread_behind(tmp_path):
+  """As after a config error: orbax cleans temporary directories in a thread that close must wait for."""
+  code = f"from lm.checkpoint import Checkpoints; Checkpoints({str(tmp_path / 'c')!r}).close()"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
 
 
 def test_unwritable_workdir_fails_at_start(tmp_path):

@@ -42,6 +42,8 @@ def test_int_is_accepted_where_a_float_is_expected():
     ("train.steps=0", r"config key 'train.steps' is 0; it should be greater than 0"),
     ("train.b2=1", r"config key 'train.b2' is 1.0; it should be less than 1"),
     ("sample.chunk=0", r"config key 'sample.chunk' is 0; it should be greater than 0"),
+    ("data.source=*.txt", r"override 'data.source=\*.txt': '\*.txt' is not a YAML value \(.*\); quote it as a string: data.source=\"'\*.txt'\""),
+    ("train.seed=-1", r"config key 'train.seed' is -1; it should be greater than or equal to 0"),
     ("mesh.tensor=0", r"mesh.tensor=0 must be -1 \(the remaining devices\) or at least 1"),
     ("mesh.rules={mpl: [tensor]}", r"mesh.rules has no logical axis 'mpl'; did you mean mlp\? \(valid: batch, vocab, "),
 ])
@@ -49,6 +51,16 @@ def test_errors_are_one_line_naming_key_and_valid_values(override, message):
   with pytest.raises(ConfigError, match=message) as err:
     config.load(None, [override])
   assert "\n" not in str(err.value)
+
+
+def test_a_config_file_that_is_not_sections_of_settings_is_one_line(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("- train\n- model\n")
+  with pytest.raises(ConfigError, match=f"^config file '{path}' holds a list, not sections of key: value settings$"):
+    config.load(path)
+  path.write_text("train: [steps\n")
+  with pytest.raises(ConfigError, match=f"^config file '{path}' is not valid YAML \\(.*\\)$"):
+    config.load(path)
 
 
 def test_unknown_key_in_a_file_is_reported(tmp_path):

@@ -77,6 +77,14 @@ def test_slurm_dry_run_prints_the_script_and_every_rank():
   assert len(ranks) == 2 and "CUDA_VISIBLE_DEVICES=0,1,2,3" in ranks[1] and "--prompt 'hi there'" in ranks[1]
 
 
+def test_slurm_errors(tmp_path):
+  out = launch("slurm", "--nodes", "0", "--dry-run", "--", "train", "--workdir", "/shared/run")
+  assert out.returncode == 2 and out.stderr.strip() == "error: --nodes=0 and --gpus-per-node=8 must be at least 1"
+  out = launch("slurm", "--nodes", "1", "--", "train", "--workdir", "/shared/run", env={"PATH": str(tmp_path)})
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: sbatch is not on PATH: run this on a SLURM login node, or print the script with --dry-run"
+
+
 def test_slurm_script_passes_the_preemption_term_on_to_srun(tmp_path):
   """sbatch's `B:TERM` reaches only the batch shell; a fake srun stands in for the step."""
   from launch.slurm import batch_script
@@ -231,6 +239,9 @@ def test_aot_errors(tmp_path):
                "model.vocab_size=2048")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: mesh.slices=3, but the 8 devices come from 2 slice(s); set it to 2 or 0"
+  out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--slices", "0")
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: --slices=0 must be at least 1"
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,128,128", "--quantize", "int4")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: --quantize 'int4' is not one of: int8"

@@ -11,13 +11,29 @@ import jax
 import numpy as np
 import pytest
 
-from lm import metrics
+from lm import config, loop, metrics
+from lm.config import ConfigError
 from tests.conftest import run_trainer, tiny_overrides
 
 
 class Terminal(io.StringIO):
   def isatty(self) -> bool:
     return True
+
+
+def test_a_torn_metrics_row_is_set_aside_with_the_rolled_back_ones(tmp_path):
+  rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (10, 20, 30)]
+  (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 40, "lo')  # a kill mid-write
+  loop.roll_back_metrics(tmp_path, 20)
+  assert (tmp_path / "metrics.jsonl").read_text() == "".join(rows[:2])
+  assert (tmp_path / "metrics.rolled-back.jsonl").read_text() == rows[2] + '{"step": 40, "lo\n'
+
+
+def test_an_empty_workdir_or_init_from_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match="^--workdir is empty$"):
+    loop.prepare_workdir("")
+  with pytest.raises(ConfigError, match=r"^--init-from is empty; name another run's work directory \(OTHER_WORKDIR\[:STEP\]\)$"):
+    loop.run(config.load("configs/tiny.yaml"), tmp_path / "run", init_from="")
 
 
 def test_a_resumed_runs_progress_bar_counts_from_its_start(tmp_path, monkeypatch):

@@ -279,7 +279,7 @@ def test_prefill_time_holds_no_compile(tokenizer, monkeypatch):
   assert stray == []
 
 
-def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
+def test_prompts_and_outputs_that_cannot_be_used_are_one_line(tmp_path):
   for path, why in ((tmp_path / "missing" / "out.jsonl", "No such file or directory"), (tmp_path, "Is a directory")):
     with pytest.raises(ConfigError, match=f"^--output '{path}' cannot be written: {why}$"):
       jobs.open_output(path, {"seed": 0})
@@ -287,6 +287,10 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path):
   binary.write_bytes(bytes(range(256)))
   with pytest.raises(ConfigError, match="exists and is not an lm-sample output"):
     jobs.open_output(binary, {"seed": 0})
+  with pytest.raises(ConfigError, match=f"^--prompts file '{binary}' is not UTF-8 text \\(byte 128\\)$"):
+    jobs.read_prompts(str(binary))
+  with pytest.raises(ConfigError, match=f"^--prompts file '{tmp_path}' is a directory$"):
+    jobs.read_prompts(str(tmp_path))
 
 
 @pytest.mark.slow

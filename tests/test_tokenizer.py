@@ -41,6 +41,9 @@ def test_existing_pretrained_model_loads(shared_data):
 def test_errors(tmp_path):
   with pytest.raises(ConfigError, match="tokenizer.path '.*missing.model' does not exist"):
     Tokenizer(tmp_path / "missing.model")
+  (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')  # a Hugging Face tokenizer
+  with pytest.raises(ConfigError, match="^tokenizer '.*tokenizer.json' is not a sentencepiece .model file$"):
+    Tokenizer(tmp_path / "tokenizer.json")
   with pytest.raises(ConfigError, match="cannot train a bpe tokenizer with tokenizer.vocab_size=100000"):
     train(["tiny corpus\n"] * 10, TokenizerConfig(vocab_size=100000), tmp_path / "t.model")
 
