@@ -68,6 +68,24 @@ def _lines(docs: Iterable[str], limit: int) -> Iterator[str]:
           return
 
 
+class _Reading:
+  """An iterator that keeps the error which stopped it: sentencepiece would turn that into the text
+  of a RuntimeError of its own."""
+
+  def __init__(self, lines: Iterable[str]):
+    self.lines, self.error = iter(lines), None
+
+  def __iter__(self) -> "_Reading":
+    return self
+
+  def __next__(self) -> str:
+    try:
+      return next(self.lines)
+    except ConfigError as e:  # a bad document: the user's error, not the trainer's
+      self.error = e
+      raise
+
+
 SPECIAL_PIECES = 3 + 2  # <unk> <s> </s>, then newline and tab
 BYTE_PIECES = 256  # byte fallback
 
@@ -81,16 +99,18 @@ def train(docs: Iterable[str], cfg: TokenizerConfig, path: str | Path) -> Tokeni
   if cfg.model_type == "char":
     lines = list(lines)
     vocab_size = len(set().union(*lines)) + BYTE_PIECES + SPECIAL_PIECES  # at least what sentencepiece keeps
-  model = io.BytesIO()
+  model, reading = io.BytesIO(), _Reading(lines)
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model,
+        sentence_iterator=reading, model_writer=model,
         model_type=cfg.model_type, vocab_size=vocab_size, character_coverage=0.9995,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
         user_defined_symbols=["\n", "\t"], hard_vocab_limit=cfg.model_type != "char",
         max_sentence_length=16384, num_threads=4, minloglevel=2)
   except RuntimeError as e:
+    if reading.error is not None:
+      raise reading.error from None
     raise ConfigError(f"cannot train a {cfg.model_type} tokenizer with tokenizer.vocab_size={cfg.vocab_size}: {str(e).strip().splitlines()[-1]}") from None
   trained = spm.SentencePieceProcessor(model_proto=model.getvalue())
   if trained.vocab_size() > cfg.vocab_size:

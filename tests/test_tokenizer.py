@@ -48,6 +48,15 @@ def test_errors(tmp_path):
     train(["tiny corpus\n"] * 10, TokenizerConfig(vocab_size=100000), tmp_path / "t.model")
 
 
+def test_a_bad_document_met_while_training_is_its_own_error(tmp_path):
+  def documents():
+    yield "def f(x):\n    return x\n" * 50
+    raise ConfigError("bad.jsonl:3: malformed JSON (Expecting value)")  # what the data reader raises
+
+  with pytest.raises(ConfigError, match=r"^bad.jsonl:3: malformed JSON \(Expecting value\)$"):
+    train(documents(), TokenizerConfig(vocab_size=300), tmp_path / "t.model")
+
+
 def test_char_vocabulary_takes_the_text_s_size_and_names_the_smallest_that_works(shared_data, tmp_path):
   text = (shared_data / "tinyshakespeare.txt").read_text()  # 65 characters: the classic char-level setup
   with pytest.raises(ConfigError, match=r"^tokenizer.vocab_size=70 is too small for a char tokenizer of this text: its \d+ "
