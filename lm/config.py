@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -168,7 +169,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
 
 
 def _type_name(tp: Any) -> str:
-  return getattr(tp, "__name__", None) or str(tp)
+  return str(tp) if typing.get_origin(tp) else getattr(tp, "__name__", None) or str(tp)
 
 
 @functools.cache
@@ -190,14 +191,19 @@ def _coerce(key: str, value: Any, declared: Any) -> Any:
     except (TypeError, ValueError):
       pass
     ok = isinstance(value, float)
+    if ok and not math.isfinite(value):
+      raise ConfigError(f"config key '{key}' is {value}; it must be a finite number")
   elif tp is str:
     ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
     value = str(value) if ok else value
   elif origin is dict and typing.get_args(tp)[1] is float:
-    ok = isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values())
-    value = {str(k): float(v) for k, v in value.items()} if ok else value
-  elif origin is dict:
     ok = isinstance(value, dict)
+    if ok and (bad := {k: v for k, v in value.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf}):
+      raise ConfigError(f"config key '{key}' weighs {bad}; weights must be positive numbers")
+    value = {str(k): float(v) for k, v in value.items()} if ok else value
+  elif origin is dict:  # logical axis -> mesh axes: a name, a list of names, or nothing
+    ok = isinstance(value, dict) and all(v is None or isinstance(v, str) or
+                                         (isinstance(v, list) and all(isinstance(a, str) for a in v)) for v in value.values())
     if ok:
       value = {k: [v] if isinstance(v, str) else list(v or []) for k, v in value.items()}
   if not ok:

@@ -44,6 +44,9 @@ def test_int_is_accepted_where_a_float_is_expected():
     ("sample.chunk=0", r"config key 'sample.chunk' is 0; it should be greater than 0"),
     ("data.source=*.txt", r"override 'data.source=\*.txt': '\*.txt' is not a YAML value \(.*\); quote it as a string: data.source=\"'\*.txt'\""),
     ("train.seed=-1", r"config key 'train.seed' is -1; it should be greater than or equal to 0"),
+    ("train.learning_rate=inf", r"config key 'train.learning_rate' is inf; it must be a finite number"),
+    ("data.mixture={stdlib: 0}", r"config key 'data.mixture' weighs {'stdlib': 0}; weights must be positive numbers"),
+    ("mesh.rules={batch: 5}", r"config key 'mesh.rules' expects dict\[str, list\[str\]\], got {'batch': 5}"),
     ("mesh.tensor=0", r"mesh.tensor=0 must be -1 \(the remaining devices\) or at least 1"),
     ("mesh.rules={mpl: [tensor]}", r"mesh.rules has no logical axis 'mpl'; did you mean mlp\? \(valid: batch, vocab, "),
 ])
