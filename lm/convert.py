@@ -9,6 +9,7 @@ the scale itself (not 1 + scale).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -205,7 +206,13 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
   if not where.is_file():
     raise ConfigError(f"'{hf_dir}' is not a Hugging Face model directory: it has no config.json")
   _check_new(workdir, "work directory")
-  m = model_config(json.loads(where.read_text()), where)
+  try:
+    m = model_config(json.loads(where.read_text()), where)
+    config.from_dict({"model": dataclasses.asdict(m)})  # each value of the type and range our settings take
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{where} is not valid JSON ({e.msg} at line {e.lineno})") from None
+  except (ConfigError, TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: {e}") from None
   if not (hf_dir / "tokenizer.model").is_file():
     raise ConfigError(f"'{hf_dir}' has no tokenizer.model; we read sentencepiece tokenizers only")
   tokenizer = Tokenizer(hf_dir / "tokenizer.model")

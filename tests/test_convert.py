@@ -156,6 +156,7 @@ UNSUPPORTED = [
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
      'rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0} is not supported'),
     (dict(hidden_size=None), "has no 'hidden_size'"),
+    (dict(hidden_size="64"), "config key 'model.d_model' expects int, got '64'"),
 ]
 
 
@@ -215,6 +216,9 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys):
       "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
   (hf_dir / "tokenizer.model").unlink()
   assert "has no tokenizer.model" in fails("--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
+  (hf_dir / "config.json").write_text('{"hidden_size": 64,')
+  assert f"{hf_dir / 'config.json'} is not valid JSON (Expecting property name enclosed in double quotes at line 1)" in fails(
+      "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
   with pytest.raises(SystemExit):
     convert_main(["--to-hf", "--workdir", str(tmp_path / "run")])
   assert "--to-hf needs --out HF_DIR" in capsys.readouterr().err
