@@ -31,8 +31,10 @@ def run_meta(settings: dict[str, Any], tokenizer: str | Path) -> dict[str, Any]:
 
 def run_tokenizer(workdir: str | Path, meta: dict[str, Any]) -> Path:
   """The tokenizer a run was trained with: where it was then, else the copy in its work directory."""
-  path = Path(meta["tokenizer"]["path"])
-  return path if path.exists() else Path(workdir) / "tokenizer.model"
+  path, copy = Path(meta["tokenizer"]["path"]), Path(workdir) / "tokenizer.model"
+  if not path.exists() and not copy.exists():
+    raise ConfigError(f"the tokenizer {workdir} was trained with, {path}, is gone and {copy} does not exist; put one of them back")
+  return path if path.exists() else copy
 
 
 class UnreadableCheckpoint(ConfigError):

@@ -45,9 +45,12 @@ def prepare_workdir(path: str | Path) -> Path:
 
 
 def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None = None) -> Tokenizer:
-  if cfg.tokenizer.path:
-    return Tokenizer(cfg.tokenizer.path)
   path = workdir / "tokenizer.model"
+  if cfg.tokenizer.path:
+    tokenizer = Tokenizer(cfg.tokenizer.path)
+    if jax.process_index() == 0 and not path.exists():  # the run keeps a copy: it outlives a moved original
+      shutil.copyfile(tokenizer.path, path)
+    return tokenizer
   if not path.exists() and inherited is not None:
     if jax.process_index() == 0:
       shutil.copyfile(inherited, path)

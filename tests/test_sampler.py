@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,6 +343,19 @@ def one_step_run(tmp_path_factory):
   out = run_trainer(run, "train.steps=1")
   assert out.returncode == 0, out.stderr
   return run
+
+
+@pytest.mark.slow
+def test_a_run_keeps_a_copy_of_the_tokenizer_it_was_given(one_step_run, tmp_path):
+  given = tmp_path / "given.model"
+  shutil.copyfile(one_step_run / "tokenizer.model", given)
+  run = tmp_path / "run"
+  assert run_trainer(run, "train.steps=1", f"tokenizer.path={given}").returncode == 0
+  given.rename(tmp_path / "moved.model")
+  assert Sampler.from_workdir(run).generate(["def"], max_new_tokens=2)[0].finish_reason in ("length", "stop")
+  (run / "tokenizer.model").unlink()
+  with pytest.raises(ConfigError, match=f"^the tokenizer {run} was trained with, {given}, is gone and {run / 'tokenizer.model'} does not exist; put one of them back$"):
+    Sampler.from_workdir(run)
 
 
 def sample_cli(*args):
