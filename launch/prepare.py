@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.shard_docs < 1:
       raise ConfigError(f"--workers={args.workers} and --shard-docs={args.shard_docs} must be at least 1")
     cfg = config.load(args.config, args.overrides)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+      raise ConfigError(f"--out '{args.out}' is a file; name a directory for the cache")
     if cfg.data.mixture or cfg.data.val_source:
       raise ConfigError("lm-prepare tokenizes data.source alone; prepare each source of data.mixture (or data.val_source) into its own cache")
     docs = data.documents(cfg.data.source, cfg.data.text_field)

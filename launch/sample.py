@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     distributed.initialize()
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples, args.seed)
     check_quantize(args.quantize)
     kv_cache.check(args.kv_cache)
     if args.chunk is not None and args.chunk < 1:

@@ -28,7 +28,7 @@ def batch_script(nodes: int, gpus: int, per: str, command: list[str], job_name: 
   run = shlex.join(python_module(command))
   return "\n".join([
       "#!/bin/bash",
-      f"#SBATCH --job-name={job_name}",
+      f"#SBATCH --job-name={shlex.quote(job_name)}",
       f"#SBATCH --nodes={nodes}",
       f"#SBATCH --ntasks-per-node={tasks}",
       f"#SBATCH --gpus-per-node={gpus}",

@@ -459,20 +459,22 @@ class Sampler:
                ) -> list[Completion]:
     """`num_samples` completions per prompt, in prompt order. Sample j of prompt i draws from its own
     key (seed, i, j), so it does not depend on batching."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
     requests = self.requests(prompts, num_samples, max_new_tokens)
     knobs = Knobs(temperature, top_k, top_p, seed)
     return sorted(self.run(requests, knobs, batch_size=batch_size, chunk=chunk, stop_tokens=stop_tokens,
                            logprobs=logprobs), key=lambda c: (c.index, c.sample))
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int,
+                   seed: int = 0) -> None:
   checks = [
       (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1"),
       (temperature >= 0, f"temperature={temperature} must be >= 0 (0 is greedy)"),
       (top_k >= 0, f"top_k={top_k} must be >= 0 (0 keeps every token)"),
       (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
       (num_samples >= 1, f"num_samples={num_samples} must be at least 1"),
+      (-2**63 <= seed < 2**63, f"seed={seed} is not a 64-bit integer"),
   ]
   for ok, message in checks:
     if not ok:

@@ -270,6 +270,17 @@ def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer
     token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), tokenizer, tmp_path / "txt", workers=1, shard_docs=4)
 
 
+def test_prepare_refuses_what_it_would_not_make_in_one_line(tmp_path, capsys):
+  from launch.prepare import main
+  (tmp_path / "file").write_text("x")
+  assert main(["--out", str(tmp_path / "file"), "--quiet"]) == 1
+  assert capsys.readouterr().err == f"error: --out '{tmp_path / 'file'}' is a file; name a directory for the cache\n"
+  assert main(["--out", str(tmp_path / "cache"), "--quiet", "data.mixture={stdlib: 1}"]) == 1  # stdlib was tokenized
+  assert capsys.readouterr().err == ("error: lm-prepare tokenizes data.source alone; prepare each source of data.mixture "
+                                     "(or data.val_source) into its own cache\n")
+  assert not (tmp_path / "cache").exists()
+
+
 def test_workers_keep_a_resumable_order(tmp_path, tokenizer):
   from lm.checkpoint import _DataPosition
   write_docs(tmp_path / "txt", 30)

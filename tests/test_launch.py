@@ -80,6 +80,8 @@ def test_slurm_dry_run_prints_the_script_and_every_rank():
 def test_slurm_errors(tmp_path):
   out = launch("slurm", "--nodes", "0", "--dry-run", "--", "train", "--workdir", "/shared/run")
   assert out.returncode == 2 and out.stderr.strip() == "error: --nodes=0 and --gpus-per-node=8 must be at least 1"
+  out = launch("slurm", "--nodes", "1", "--job-name", "my run", "--dry-run", "--", "train", "--workdir", "/shared/run")
+  assert "#SBATCH --job-name='my run'\n" in out.stdout  # sbatch would take "my" alone
   out = launch("slurm", "--nodes", "1", "--", "train", "--workdir", "/shared/run", env={"PATH": str(tmp_path)})
   assert out.returncode == 1
   assert out.stderr.strip() == "error: sbatch is not on PATH: run this on a SLURM login node, or print the script with --dry-run"

@@ -245,6 +245,8 @@ def test_input_errors(tokenizer):
     sampler.generate(["a long prompt " * 3], max_new_tokens=60)
   with pytest.raises(ConfigError, match=r"top_p=1.5 must be in \(0, 1\]"):
     sampler.generate(["ok"], max_new_tokens=8, top_p=1.5)
+  with pytest.raises(ConfigError, match=f"^seed={2**64} is not a 64-bit integer$"):  # an OverflowError before
+    sampler.generate(["ok"], max_new_tokens=8, seed=2**64)
   with pytest.raises(ConfigError, match="^batch_size=0 must be at least 1$"):  # it used to loop for ever
     sampler.generate(["ok"], max_new_tokens=8, batch_size=0)
   with pytest.raises(ConfigError, match=rf"^stop token {tokenizer.vocab_size} is not a token id of this vocabulary \(0 to {tokenizer.vocab_size - 1}\)$"):
