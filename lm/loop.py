@@ -22,7 +22,7 @@ from lm import config, data, distributed, flops, metrics, resume, sharding
 from lm.checkpoint import Checkpoints, run_meta, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.model import count_params
-from lm.tokenizer import Tokenizer, train as train_tokenizer
+from lm.tokenizer import Tokenizer, check_trained_as, train as train_tokenizer
 from lm.train import Steps, TrainState
 
 
@@ -44,7 +44,9 @@ def prepare_workdir(path: str | Path) -> Path:
   return workdir
 
 
-def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None = None) -> Tokenizer:
+def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None = None, fresh: bool = True) -> Tokenizer:
+  """The given tokenizer, else the work directory's (copied from `inherited`, or trained here by an
+  earlier attempt at a `fresh` run: then with these settings), else one trained now."""
   path = workdir / "tokenizer.model"
   if cfg.tokenizer.path:
     tokenizer = Tokenizer(cfg.tokenizer.path)
@@ -56,7 +58,10 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
       shutil.copyfile(inherited, path)
     multihost_utils.sync_global_devices("tokenizer copied")
   if path.exists():
-    return Tokenizer(path)
+    tokenizer = Tokenizer(path)
+    if fresh and inherited is None:  # a run with checkpoints has the resume checks instead
+      check_trained_as(tokenizer, cfg.tokenizer)
+    return tokenizer
   if jax.process_index() == 0:
     train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, path)
   multihost_utils.sync_global_devices("tokenizer trained")
@@ -249,7 +254,7 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
   train_docs, val_docs = data.split(cfg.data)
   inherited = run_tokenizer(resume.parse_init_from(init_from)[0], source[2]) if source else data.cache_tokenizer(cfg.data)
-  tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited)
+  tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not ckpts.steps())
   data.check_tokenizer(cfg.data, tokenizer)
   resolve_vocab(cfg, tokenizer)
   distributed.check_same_config(config.to_dict(cfg))

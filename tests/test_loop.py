@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm import config, loop, metrics
+from lm import config, data, loop, metrics
 from lm.config import ConfigError
 from tests.conftest import run_trainer, tiny_overrides
 
@@ -34,6 +34,17 @@ def test_an_empty_workdir_or_init_from_is_refused(tmp_path):
     loop.prepare_workdir("")
   with pytest.raises(ConfigError, match=r"^--init-from is empty; name another run's work directory \(OTHER_WORKDIR\[:STEP\]\)$"):
     loop.run(config.load("configs/tiny.yaml"), tmp_path / "run", init_from="")
+
+
+def test_a_tokenizer_an_earlier_attempt_trained_is_reused_only_with_the_same_settings(tmp_path):
+  docs = [data.TextFiles(data.stdlib_files())[i] for i in range(0, 600, 7)]
+  cfg = config.load("configs/tiny.yaml", ["tokenizer.vocab_size=400", "tokenizer.train_sentences=20000"])
+  first = loop.tokenizer_for(cfg, tmp_path, docs)  # trained into the work directory
+  assert loop.tokenizer_for(cfg, tmp_path, docs).sha256 == first.sha256
+  cfg.tokenizer.vocab_size = 500
+  with pytest.raises(ConfigError, match=f"^{tmp_path / 'tokenizer.model'} was trained as a bpe tokenizer of 400 pieces, not with "
+                                        "tokenizer.model_type=bpe tokenizer.vocab_size=500; delete it to train another, or use a new --workdir$"):
+    loop.tokenizer_for(cfg, tmp_path, docs)
 
 
 def test_a_resumed_runs_progress_bar_counts_from_its_start(tmp_path, monkeypatch):
