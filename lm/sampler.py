@@ -474,7 +474,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
       (top_k >= 0, f"top_k={top_k} must be >= 0 (0 keeps every token)"),
       (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
       (num_samples >= 1, f"num_samples={num_samples} must be at least 1"),
-      (-2**63 <= seed < 2**63, f"seed={seed} is not a 64-bit integer"),
+      (0 <= seed < 2**32, f"seed={seed} must be in [0, 2**32): JAX keeps 32 bits of it, so others would repeat those"),
   ]
   for ok, message in checks:
     if not ok:

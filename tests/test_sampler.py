@@ -245,8 +245,9 @@ def test_input_errors(tokenizer):
     sampler.generate(["a long prompt " * 3], max_new_tokens=60)
   with pytest.raises(ConfigError, match=r"top_p=1.5 must be in \(0, 1\]"):
     sampler.generate(["ok"], max_new_tokens=8, top_p=1.5)
-  with pytest.raises(ConfigError, match=f"^seed={2**64} is not a 64-bit integer$"):  # an OverflowError before
-    sampler.generate(["ok"], max_new_tokens=8, seed=2**64)
+  for seed in (-1, 2**32):  # the same key as seed 2**32 - 1 and 0 before
+    with pytest.raises(ConfigError, match=rf"^seed={seed} must be in \[0, 2\*\*32\): JAX keeps 32 bits of it, so others would repeat those$"):
+      sampler.generate(["ok"], max_new_tokens=8, seed=seed)
   with pytest.raises(ConfigError, match="^batch_size=0 must be at least 1$"):  # it used to loop for ever
     sampler.generate(["ok"], max_new_tokens=8, batch_size=0)
   with pytest.raises(ConfigError, match=rf"^stop token {tokenizer.vocab_size} is not a token id of this vocabulary \(0 to {tokenizer.vocab_size - 1}\)$"):
