@@ -71,7 +71,10 @@ class ArrayRecords:
   """Each record is one UTF-8 document."""
 
   def __init__(self, paths: Sequence[str]):
-    self.source = grain.sources.ArrayRecordDataSource(list(paths))
+    try:
+      self.source = grain.sources.ArrayRecordDataSource(list(paths))
+    except RuntimeError as e:  # array_record's reader fails on a file that is not one of its own
+      raise ConfigError(f"{', '.join(paths)}: not ArrayRecord files ({' '.join(str(e).split())[:120]})") from None
 
   def __len__(self) -> int:
     return len(self.source)

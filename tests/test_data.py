@@ -51,6 +51,8 @@ def test_source_errors_name_the_problem(tmp_path):
     source[1]
   with pytest.raises(ConfigError, match="bad.jsonl:1: no string field 'body'"):
     data.open_source(f"jsonl:{bad}", text_field="body")
+  with pytest.raises(ConfigError, match=r"^.*bad.jsonl: not ArrayRecord files \(.+\)$"):
+    data.open_source(f"arrayrecord:{bad}")
 
 
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
