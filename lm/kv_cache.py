@@ -58,6 +58,12 @@ def write(entry: Entry, index: tuple, new: jax.Array) -> Entry:
   return entry.at[index].set(new.astype(entry.dtype), mode="drop")
 
 
+def write_rows(entry: Entry, positions_BxT: jax.Array, new_BxTxKxH: jax.Array) -> Entry:
+  """Row b's T new keys (or values) at its positions `positions_BxT[b]`: a scatter whose rows are a batch
+  dimension, so a mesh that splits the rows writes each shard's own without gathering the others'."""
+  return jax.vmap(lambda e, p_T, n_TxKxH: write(e, (slice(None), p_T), n_TxKxH.swapaxes(0, 1)))(entry, positions_BxT, new_BxTxKxH)
+
+
 def first(entry: Entry, W: int) -> Entry:
   """The first W slots."""
   return jax.tree.map(lambda a: a[:, :, :W], entry)

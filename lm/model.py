@@ -296,15 +296,13 @@ class Transformer(nnx.Module):
     whose positions all lie below a shorter window reads only that much."""
     if not isinstance(self.blocks, nnx.List):
       raise TypeError("Transformer.decode runs listed blocks: build the model with stacked=False")
-    B, T = tokens_BxT.shape
     S = cache[0][0].shape[2]
     W = window or S
-    rows_Bx1 = jnp.arange(B)[:, None]
     visible_BxTxW = jnp.arange(W)[None, None] <= positions_BxT[..., None]
 
     def layer(block, x, layer_cache):
       q, k, v = block.qkv(x, positions_BxT)
-      layer_cache = tuple(kv_cache.write(c, (rows_Bx1, slice(None), positions_BxT), new) for c, new in zip(layer_cache, (k, v)))
+      layer_cache = tuple(kv_cache.write_rows(c, positions_BxT, new) for c, new in zip(layer_cache, (k, v)))
       seen = layer_cache if W == S else tuple(kv_cache.first(c, W) for c in layer_cache)
       return block.finish(x, attend_heads_first(q, *seen, visible_BxTxW)), layer_cache
 

@@ -53,6 +53,25 @@ def test_two_processes_log_the_losses_of_one_process(single, tmp_path):
   assert len(traces) == 1 and b"train_step" in traces[0].read_bytes()
 
 
+def test_two_processes_sample_what_one_process_samples(single, tmp_path):
+  """lm-sample over two processes (slots split between them, tensor-parallel within each) writes one
+  file with the completions one process makes; more prompts than slots, so inserts cross processes."""
+  from lm.sampler import Sampler
+
+  prompts = [f"def f{i}(x):" + " x" * i for i in range(5)]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+  out = tmp_path / "out.jsonl"
+  cmd = [sys.executable, "-m", "launch.local_cluster", "--processes", "2", "--devices-per-process", "2", "--", "sample",
+         "--workdir", str(single), "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "8", "--batch-size", "2",
+         "--temperature", "0.8", "--seed", "3", "--output", str(out)]
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "[p0] mesh: {'data': 2, 'fsdp': 1, 'tensor': 2}" in done.stderr and "[p1] mesh" not in done.stderr
+  header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+  want = Sampler.from_workdir(single).generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)
+  assert sorted((r["index"], r["token_ids"]) for r in rows) == [(i, c.token_ids) for i, c in enumerate(want)]
+
+
 def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
   workdir = tmp_path / "run"
   proc = cluster(workdir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
