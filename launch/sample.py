@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # every finished completion is already in the file
+    kept = f": {args.output} holds the completions made so far; the same command makes the rest" if args.output else ""
+    print(f"interrupted{kept}", file=sys.stderr)
+    return 130
   if writer:
     print(f"prefill {t.prefill_tokens / max(t.prefill_seconds, 1e-9):,.0f} tokens/s | "
           f"decode {t.decode_tokens / max(t.decode_seconds, 1e-9):,.0f} kept tokens/s"

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, loop.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:  # Ctrl-C during the steps saves and returns; this is before or after them
+    print("interrupted; the same command goes on from the newest checkpoint (or the start)", file=sys.stderr)
+    return 130
   if args.sample_prompt and int(state.step) == cfg.train.steps:
     try:
       completion = sampler.generate(args.workdir, [args.sample_prompt], max_new_tokens=min(200, cfg.model.max_seq_len // 2),
@@ -39,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # the run is trained and saved; only the sample is not to be had
       print(f"no sample: {e}", file=sys.stderr)
       return 0
+    except KeyboardInterrupt:
+      print(f"interrupted: no sample; the trained run is saved in {args.workdir}", file=sys.stderr)
+      return 130
     if jax.process_index() == 0:
       print(f"\nsample ({completion.finish_reason}):\n{completion.prompt}{completion.text}", flush=True)
   return 0

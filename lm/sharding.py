@@ -33,6 +33,8 @@ def check_rules(rules: dict[str, list[str]]) -> None:
   for name, axes in rules.items():
     if unknown := [a for a in axes if a not in AXES]:
       raise ConfigError(f"mesh.rules.{name} names mesh axis '{unknown[0]}'; mesh axes: {', '.join(AXES)}")
+    if twice := sorted({a for a in axes if axes.count(a) > 1}):
+      raise ConfigError(f"mesh.rules.{name}={axes} names mesh axis '{twice[0]}' twice; an array splits over an axis once")
 
 
 def slice_count(cfg: MeshConfig, devices: Sequence[jax.Device]) -> int:

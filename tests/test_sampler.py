@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -332,8 +333,13 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
   for r in rows:
     want = naive_greedy(sampler.cfg, params, sampler.encode(r["prompt"]), 6)
     assert r["token_ids"] == until_eos(want, sampler.tokenizer.eos_id)
-  for s in (default, sampler):
+  # Slots split over every device (no tensor axis): each row's keys and values are written on its own
+  # device, so the decode steps need no collective at all.
+  rows_only = Sampler.from_workdir(run, mesh_cfg=config.MeshConfig(data=8, fsdp=1, tensor=1))
+  for s in (default, sampler, rows_only):
     assert [c.token_ids for c in s.generate(["def f(x):", "import"], max_new_tokens=6)] == [r["token_ids"] for r in rows]
+  decode = [f.as_text() for key, f in rows_only.compiled.items() if key[0] == "decode"]
+  assert decode and not any(re.search(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter", h) for h in decode)
   tokenizer = default.tokenizer.path
   tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")  # another tokenizer where the run's was
   with pytest.raises(ConfigError, match=rf"tokenizer '{tokenizer}' has SHA-256 \w+\.\.\., but step 4 was trained with \w+\.\.\.; restore the run's tokenizer"):
@@ -392,8 +398,8 @@ def test_cli_missing_workdir(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
-  """SIGKILL part-way, a torn last line, then the same command (other slots and sample.chunk) finishes the
-  file: every (index, sample) once, equal to an uninterrupted run. Other knobs refuse in one line."""
+  """SIGKILL part-way, a torn last line, Ctrl-C part-way, then the same command (other slots and
+  sample.chunk) finishes the file: every (index, sample) once, equal to an uninterrupted run. Other knobs refuse in one line."""
   prompts = [f"def f{i}(x):" + " x" * (i % 7) for i in range(150)]
   (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
   out = tmp_path / "out.jsonl"
@@ -409,6 +415,14 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
   assert 20 <= lines < 1 + 2 * len(prompts)
   with out.open("a") as f:
     f.write('{"index": 7, "sample": 1, "prompt": "def f7')  # what a kill mid-write leaves
+  job = subprocess.Popen([sys.executable, "-m", "launch.sample", *args, "--batch-size", "2"], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  while job.poll() is None and out.read_text().count("\n") < lines + 10:
+    time.sleep(0.02)
+  job.send_signal(signal.SIGINT)  # Ctrl-C: one line, and the file keeps what finished
+  assert job.wait() == 130
+  assert job.stderr.read().splitlines()[-1] == f"interrupted: {out} holds the completions made so far; the same command makes the rest"
+  lines = out.read_text().count("\n")
   done = sample_cli(*args, "--batch-size", "8", "sample.chunk=5")  # the chunk from the config key
   assert done.returncode == 0, done.stderr
   assert f"{2 * len(prompts) - lines + 1} completions to make" in done.stderr

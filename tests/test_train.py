@@ -135,6 +135,8 @@ def test_mesh_and_batch_errors_name_the_numbers():
     sharding.check_batch(12, mesh, config.MeshConfig().rules)
   with pytest.raises(ConfigError, match=r"^mesh.rules.mlp names mesh axis 'nope'; mesh axes: data, fsdp, tensor$"):
     sharding.make_mesh(config.load(None, ["mesh.rules={mlp: [nope]}"]).mesh)
+  with pytest.raises(ConfigError, match=r"^mesh.rules.batch=\['data', 'fsdp', 'data'\] names mesh axis 'data' twice; "):
+    sharding.make_mesh(config.load(None, ["mesh.rules={batch: [data, fsdp, data]}"]).mesh)
   cfg = make_cfg("mesh.data=2", "mesh.tensor=4", "model.num_heads=6", "model.num_kv_heads=6", "model.head_dim=16")
   with pytest.raises(ConfigError, match=r"^model.num_kv_heads=6 is not divisible by 4, the size of mesh axis tensor "
                                         r"that mesh.rules.kv_heads splits it over; change one of them$"):
