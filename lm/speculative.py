@@ -100,9 +100,9 @@ class Ngram:
     return drafts_BxK, jax.nn.one_hot(drafts_BxK, target.vocab, dtype=jnp.float32), state
 
   def record(self, state, tokens_BxT, pos_B):
-    rows_Bx1 = jnp.arange(pos_B.shape[0])[:, None]
     slots_BxT = pos_B[:, None] + jnp.arange(tokens_BxT.shape[1])
-    return state | {"history": state["history"].at[rows_Bx1, slots_BxT].set(tokens_BxT, mode="drop")}
+    write = lambda history_S, slots_T, tokens_T: history_S.at[slots_T].set(tokens_T, mode="drop")
+    return state | {"history": jax.vmap(write)(state["history"], slots_BxT, tokens_BxT)}  # rows stay on their devices
 
 
 class Draft:
@@ -178,7 +178,8 @@ class Speculation:
       kept_B, next_B = accept(keys_3xB[1], keys_3xB[2], probabilities(logits_BxTxV, *knobs), q_BxKxV, drafts_BxK)
       logprobs_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
       logprob_BxK = jnp.take_along_axis(logprobs_BxTxV[:, :K], drafts_BxK[..., None], axis=-1)[..., 0]
-      next_logprob_B = jnp.take_along_axis(logprobs_BxTxV, kept_B[:, None, None], axis=1)[:, 0][jnp.arange(next_B.shape[0]), next_B]
+      next_logprob_B = jnp.take_along_axis(jnp.take_along_axis(logprobs_BxTxV, kept_B[:, None, None], axis=1)[:, 0],
+                                           next_B[:, None], axis=-1)[:, 0]
       live_BxT = ~done_B[:, None] & (jnp.arange(K + 1)[None] <= kept_B[:, None])
       stopped_B = jnp.any(live_BxT & jnp.any(tokens_BxT[..., None] == stop_ids, axis=-1), axis=-1)
       n_B = kept_B + 1
@@ -241,3 +242,4 @@ def speculate(target: Sampler, proposer: Ngram | Draft, k: int) -> None:
   if k < 1:
     raise ConfigError(f"--draft-tokens={k} must be at least 1")
   target.speculation = Speculation(proposer, k)
+  target.compiled.clear()  # the engine state gains the proposer's: functions compiled without it no longer fit

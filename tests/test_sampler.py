@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import config, jobs, sharding
+from lm import config, jobs, sharding, speculative
 from lm.config import ConfigError
 from lm.model import Transformer
 from lm.params import abstract_model, unstack
@@ -333,13 +333,19 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
   for r in rows:
     want = naive_greedy(sampler.cfg, params, sampler.encode(r["prompt"]), 6)
     assert r["token_ids"] == until_eos(want, sampler.tokenizer.eos_id)
-  # Slots split over every device (no tensor axis): each row's keys and values are written on its own
-  # device, so the decode steps need no collective at all.
+  # Slots split over every device (no tensor axis): each row's keys and values (and prompt-lookup
+  # history) are written on its own device, so decode steps and speculative rounds share nothing...
   rows_only = Sampler.from_workdir(run, mesh_cfg=config.MeshConfig(data=8, fsdp=1, tensor=1))
   for s in (default, sampler, rows_only):
     assert [c.token_ids for c in s.generate(["def f(x):", "import"], max_new_tokens=6)] == [r["token_ids"] for r in rows]
   decode = [f.as_text() for key, f in rows_only.compiled.items() if key[0] == "decode"]
-  assert decode and not any(re.search(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter", h) for h in decode)
+  speculative.speculate(rows_only, speculative.Ngram(), 3)
+  assert [c.token_ids for c in rows_only.generate(["def f(x):", "import"], max_new_tokens=6)] == [r["token_ids"] for r in rows]
+  decode += [f.as_text() for key, f in rows_only.compiled.items() if key[0] == "speculate"]
+  collectives = [line for h in decode for line in h.splitlines()
+                 if re.search(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", line)]
+  # but the one flag of the rounds' loop: whether every row is done, which ends a chunk early
+  assert len(decode) >= 2 and all(re.search(r"= pred\[\] all-reduce\(", line) for line in collectives), collectives
   tokenizer = default.tokenizer.path
   tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")  # another tokenizer where the run's was
   with pytest.raises(ConfigError, match=rf"tokenizer '{tokenizer}' has SHA-256 \w+\.\.\., but step 4 was trained with \w+\.\.\.; restore the run's tokenizer"):
@@ -441,8 +447,6 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
 def test_cli_speculative_decoding(one_step_run):
   """--draft DIR:STEP with the run as its own draft keeps every guess and gives plain greedy's tokens;
   a draft trained with another tokenizer and a round of no guesses are refused in one line."""
-  from lm import speculative
-
   done = sample_cli("--workdir", str(one_step_run), "--prompt", "def f(x):", "--max-new-tokens", "9", "--temperature", "0",
                     "--draft", f"{one_step_run}:1", "--draft-tokens", "3")
   assert done.returncode == 0, done.stderr
