@@ -285,6 +285,8 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   peak = flops.peak_flops(mesh.devices.flatten().tolist())
   if peak is None:
     writer.say(f"peak FLOP/s of {mesh.devices.flat[0].device_kind} is unknown (lm/flops.py PEAK_FLOPS); MFU is not reported")
+  elif mesh.devices.flat[0].platform == "cpu":
+    writer.say(f"mfu is against this machine's float32 matmul rate, measured now: {peak / 1e9:.1f} GFLOP/s (lower while it is busy)")
   log = StepLog(cfg, writer, start, peak)
   saves, stop, profile = Saves(ckpts, meta), StopRequest(), Profile(cfg.profile, workdir)
   try:

@@ -10,8 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
+import yaml
 
-from lm import config, data, loop, metrics
+from lm import config, data, flops, loop, metrics
 from lm.config import ConfigError
 from tests.conftest import run_trainer, tiny_overrides
 
@@ -77,6 +78,10 @@ def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
   assert list((run / "tensorboard").glob("events.out.tfevents.*"))
   assert "vocab_size: 512" in (run / "config.yaml").read_text()  # resolved from the trained tokenizer
   assert "step 60 | loss" in out.stdout
+  peak = float(re.search(r"mfu is against this machine's float32 matmul rate, measured now: ([\d.]+) GFLOP/s", out.stdout)[1])
+  cfg = config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+  per_token = flops.flops_per_token(cfg.model, cfg.train.seq_len)
+  assert train_rows[-1]["mfu"] == pytest.approx(train_rows[-1]["tokens_per_sec"] * per_token / (peak * 1e9), rel=0.01)
   assert "\nsample (" in out.stdout and "\ndef " in out.stdout
 
 

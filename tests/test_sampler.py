@@ -404,31 +404,32 @@ def test_cli_missing_workdir(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
-  """SIGKILL part-way, a torn last line, Ctrl-C part-way, then the same command (other slots and
-  sample.chunk) finishes the file: every (index, sample) once, equal to an uninterrupted run. Other knobs refuse in one line."""
+  """Ctrl-C part-way, SIGKILL part-way, a torn last line, then the same command (other slots and
+  sample.chunk) finishes the file: every (index, sample) once, equal to an uninterrupted run. Other
+  knobs refuse in one line."""
   prompts = [f"def f{i}(x):" + " x" * (i % 7) for i in range(150)]
   (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
   out = tmp_path / "out.jsonl"
   args = ["--workdir", str(one_step_run), "--prompts", str(tmp_path / "p.jsonl"), "--num-samples", "2",
           "--max-new-tokens", "24", "--temperature", "0.9", "--seed", "1", "--output", str(out)]
-  job = subprocess.Popen([sys.executable, "-m", "launch.sample", *args, "--batch-size", "2", "--chunk", "2"],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  while job.poll() is None and (not out.exists() or out.read_text().count("\n") < 20):
-    time.sleep(0.02)
-  job.send_signal(signal.SIGKILL)
-  job.wait()
+
+  def stop_part_way(signum: int, lines: int, *more: str) -> subprocess.Popen:
+    job = subprocess.Popen([sys.executable, "-m", "launch.sample", *args, "--batch-size", "2", *more], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while job.poll() is None and (not out.exists() or out.read_text().count("\n") < lines):
+      time.sleep(0.02)
+    job.send_signal(signum)
+    job.wait()
+    return job
+
+  interrupted = stop_part_way(signal.SIGINT, 20, "--chunk", "2")  # Ctrl-C: one line; the file keeps what finished
+  assert interrupted.returncode == 130
+  assert interrupted.stderr.read().splitlines()[-1] == f"interrupted: {out} holds the completions made so far; the same command makes the rest"
+  stop_part_way(signal.SIGKILL, out.read_text().count("\n") + 10)
   lines = out.read_text().count("\n")
-  assert 20 <= lines < 1 + 2 * len(prompts)
+  assert 30 <= lines < 1 + 2 * len(prompts)
   with out.open("a") as f:
     f.write('{"index": 7, "sample": 1, "prompt": "def f7')  # what a kill mid-write leaves
-  job = subprocess.Popen([sys.executable, "-m", "launch.sample", *args, "--batch-size", "2"], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  while job.poll() is None and out.read_text().count("\n") < lines + 10:
-    time.sleep(0.02)
-  job.send_signal(signal.SIGINT)  # Ctrl-C: one line, and the file keeps what finished
-  assert job.wait() == 130
-  assert job.stderr.read().splitlines()[-1] == f"interrupted: {out} holds the completions made so far; the same command makes the rest"
-  lines = out.read_text().count("\n")
   done = sample_cli(*args, "--batch-size", "8", "sample.chunk=5")  # the chunk from the config key
   assert done.returncode == 0, done.stderr
   assert f"{2 * len(prompts) - lines + 1} completions to make" in done.stderr
