@@ -401,7 +401,7 @@ class Sampler:
         if slot.finished and steps_in_batch >= static:  # static: the batch frees its slots together
           slots[s] = None
 
-  def _gather(self, *rows: jax.Array) -> list[np.ndarray]:
+  def _gather(self, *rows: jax.Array) -> tuple[np.ndarray, ...]:
     """Every process's rows, whole on each host. Across processes the first gather of each shape compiles
     a collective: that call is timed as compile."""
     key = ("gather", *(r.shape for r in rows))

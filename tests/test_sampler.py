@@ -414,7 +414,9 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
           "--max-new-tokens", "24", "--temperature", "0.9", "--seed", "1", "--output", str(out)]
 
   def stop_part_way(signum: int, lines: int, *more: str) -> subprocess.Popen:
-    job = subprocess.Popen([sys.executable, "-m", "launch.sample", *args, "--batch-size", "2", *more], cwd=ROOT,
+    # Ctrl-C as at a terminal: a shell running the tests in the background ignores SIGINT, and its children would
+    terminal = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from launch.sample import main; sys.exit(main())"
+    job = subprocess.Popen([sys.executable, "-c", terminal, *args, "--batch-size", "2", *more], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while job.poll() is None and (not out.exists() or out.read_text().count("\n") < lines):
       time.sleep(0.02)
