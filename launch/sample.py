@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
   speculate = parser.add_mutually_exclusive_group()
   speculate.add_argument("--draft", metavar="DIR[:STEP]", help="speculative decoding: a smaller run on the same tokenizer proposes tokens")
   speculate.add_argument("--speculate", choices=["ngram"], help="speculative decoding by prompt lookup (no second model)")
-  parser.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens proposed per speculative round")
+  parser.add_argument("--draft-tokens", type=int, metavar="K", help="tokens proposed per speculative round (default 4)")
   parser.add_argument("--output", help="JSON lines, written as completions finish; a rerun resumes it")
   parser.add_argument("--quantize", metavar="int8", help="weight-only int8, computed from the checkpoint at load")
   parser.add_argument("--kv-cache", metavar="int8", help="an int8 key/value cache, one scale per token and head")
@@ -53,13 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     kv_cache.check(args.kv_cache)
     if args.chunk is not None and args.chunk < 1:
       raise ConfigError(f"--chunk={args.chunk} must be at least 1")
+    if args.draft_tokens is not None and not (args.draft or args.speculate):
+      raise ConfigError(f"--draft-tokens={args.draft_tokens} needs --draft DIR or --speculate ngram")
+    draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
     prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
     sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides, quantize=args.quantize,
                                    kv=args.kv_cache)
     if args.draft or args.speculate:
       proposer = speculative.load_draft(sampler, args.draft) if args.draft else speculative.Ngram()
-      speculative.speculate(sampler, proposer, args.draft_tokens)
+      speculative.speculate(sampler, proposer, draft_tokens)
     requests = sampler.requests(prompts, args.num_samples, args.max_new_tokens)
+    sampler.stops(args.stop_token)  # checked before an output file records them
     knobs = Knobs(args.temperature, args.top_k, args.top_p, args.seed)
     writer = jax.process_index() == 0  # every process samples its share; one writes
     out = sys.stdout if writer else None
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
       if args.kv_cache:
         settings["kv_cache"] = args.kv_cache
       if sampler.speculation:  # sampled tokens depend on the proposer (greedy ones do not, but one rule is simpler)
-        settings["speculate"] = f"{args.draft or args.speculate}, {args.draft_tokens} tokens"
+        settings["speculate"] = f"{args.draft or args.speculate}, {draft_tokens} tokens"
       out, done = jobs.open_output(args.output, settings, write=writer)
       requests = [r for r in requests if (r.index, r.sample) not in done]
     if writer:
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
       print(f"mesh: {dict(sampler.mesh.shape)} ({args.quantize or dtype} weights, {args.kv_cache or dtype} KV cache); "
             f"{len(requests)} completions to make",
             file=sys.stderr)
-    progress = jobs.Progress(len(requests))
+    # A bar on the terminal that completions are printed to would run into them.
+    progress = jobs.Progress(len(requests), sys.stderr, writer and sys.stderr.isatty() and not (out is sys.stdout and out.isatty()))
     t = sampler.timing
     for completion in sampler.run(requests, knobs, batch_size=args.batch_size, chunk=args.chunk,
                                   stop_tokens=args.stop_token, logprobs=args.logprobs):
@@ -93,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as a shell tool does
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's own last flush is quiet too
+    return 141
   except KeyboardInterrupt:  # every finished completion is already in the file
     kept = f": {args.output} holds the completions made so far; the same command makes the rest" if args.output else ""
     print(f"interrupted{kept}", file=sys.stderr)

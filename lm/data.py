@@ -8,6 +8,7 @@ read it: each process builds just the streams of its own rows.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import sysconfig
 from collections.abc import Sequence
@@ -172,9 +173,10 @@ def open_source(spec: str, text_field: str = "text") -> Any:
 
 
 def documents(spec: str, text_field: str = "text") -> Any:
-  """What a token cache stores of a source: its documents, a single long text cut into chunks."""
+  """A source's documents, a single long text cut into chunks: what a token cache stores, and what
+  training or validation reads of a source that is not split."""
   source = open_source(spec, text_field)
-  return chunks(source[0]) if len(source) == 1 else source
+  return chunks(source[0]) if len(source) == 1 and isinstance(source[0], str) else source
 
 
 def split(cfg: DataConfig) -> tuple[Any, Any | None]:
@@ -186,7 +188,7 @@ def split(cfg: DataConfig) -> tuple[Any, Any | None]:
     held = [(val, w) for (_, val), w in zip(pairs, weights) if val is not None]
     return Mixture([t for t, _ in pairs], weights), (Mixture(*zip(*held)) if held else None)
   if cfg.val_source:
-    return open_source(cfg.source, cfg.text_field), open_source(cfg.val_source, cfg.text_field)
+    return documents(cfg.source, cfg.text_field), documents(cfg.val_source, cfg.text_field)
   return _split_source(cfg.source, cfg)
 
 
@@ -277,6 +279,22 @@ def token_ids(docs: Any) -> bool:
   if isinstance(docs, Mixture):
     return all(token_ids(p) for p in docs.parts)
   return isinstance(docs.source if isinstance(docs, Subset) else docs, TokenCache)
+
+
+def held_out_batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, rows: range, limit: int
+                     ) -> list[dict[str, np.ndarray]]:
+  """Up to `limit` global batches (rows `rows` of each) of the held-out documents, read once in one
+  seeded order and packed into consecutive rows; the last batch is filled with empty rows (segment 0,
+  outside the loss). Training's stream per row would repeat a held-out set smaller than the batch, and
+  weigh its documents unevenly."""
+  ordered = grain.MapDataset.source(docs).shuffle(SPLIT_SEED).map(_Tokenize(tokenizer)).filter(_Something())
+  packed = gx.ConcatThenSplitIterDataset(ordered.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
+                                         length_struct={"inputs": seq_len, "targets": seq_len}).map(_Rename())
+  rows_read = list(itertools.islice(packed, limit * global_batch))
+  if not rows_read:
+    return []
+  rows_read += [{k: np.zeros_like(v) for k, v in rows_read[0].items()}] * (-len(rows_read) % global_batch)
+  return [_Stack().map([rows_read[start + j] for j in rows]) for start in range(0, len(rows_read), global_batch)]
 
 
 def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,6 +48,9 @@ def prompts_digest(prompts: list[str]) -> str:
   return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
 
 
+HEADER = b'{"settings": '
+
+
 def open_output(path: str | Path, settings: dict[str, Any], write: bool = True) -> tuple[TextIO | None, set[tuple[int, int]]]:
   """The output file, opened for appending (when `write`), and the (index, sample) pairs it holds."""
   try:
@@ -62,6 +64,8 @@ def _open_output(path: Path, settings: dict[str, Any], write: bool) -> tuple[Tex
   complete = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a killed run is dropped
   lines = complete.decode(errors="replace").splitlines()  # not UTF-8: not ours, refused below
   done: set[tuple[int, int]] = set()
+  if raw and not lines and not HEADER.startswith(raw[:len(HEADER)]):  # no whole line, and not a torn header
+    raise ConfigError(f"--output '{path}' exists and is not an lm-sample output; choose a new path")
   if lines:
     try:
       records = [json.loads(line) for line in lines]
@@ -80,7 +84,7 @@ def _open_output(path: Path, settings: dict[str, Any], write: bool) -> tuple[Tex
       f.truncate(len(complete))
   out = path.open("a")
   if not lines:
-    out.write(json.dumps({"settings": settings}) + "\n")
+    out.write(json.dumps({"settings": settings}) + "\n")  # starts with HEADER
     out.flush()
   return out, done
 
@@ -94,9 +98,8 @@ def record(c: Completion, with_sample: bool) -> str:
 class Progress:
   """A one-line bar on a terminal: completions done, kept tokens per second of decoding."""
 
-  def __init__(self, total: int, stream: TextIO = sys.stderr):
-    self.total, self.done, self.stream = total, 0, stream
-    self.shown = stream.isatty()
+  def __init__(self, total: int, stream: TextIO, shown: bool):
+    self.total, self.done, self.stream, self.shown = total, 0, stream, shown
     self.last = 0.0
 
   def update(self, tokens: int, seconds: float) -> None:

@@ -5,7 +5,6 @@ Rerunning the same command on the same work directory resumes from its newest re
 
 from __future__ import annotations
 
-import itertools
 import math
 import shutil
 import signal
@@ -224,10 +223,7 @@ def start_state(steps: Steps, ckpts: Checkpoints, source: tuple[Checkpoints, int
 def validation_batches(cfg: Config, val_docs: Any, tokenizer: Tokenizer, stream: dict[str, int]) -> list[dict[str, np.ndarray]]:
   if val_docs is None or cfg.eval.steps == 0:
     return []
-  val_iter = iter(data.batches(val_docs, tokenizer, seed=0, **stream))
-  batches = list(itertools.islice(val_iter, cfg.eval.steps))
-  val_iter.close()
-  return batches
+  return data.held_out_batches(val_docs, tokenizer, limit=cfg.eval.steps, **stream)
 
 
 def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> TrainState:

@@ -354,17 +354,14 @@ class Sampler:
     per compiled call, by default the config's `sample.chunk`."""
     if batch_size < 1:
       raise ConfigError(f"batch_size={batch_size} must be at least 1")
-    if bad := [t for t in stop_tokens if not 0 <= t < self.vocab]:
-      raise ConfigError(f"stop token {bad[0]} is not a token id of this vocabulary (0 to {self.vocab - 1})")
+    stops = self.stops(stop_tokens)
     chunk = chunk or self.cfg.sample.chunk
     waiting = collections.deque(requests)
     if not waiting:
       return
-    stops = sorted({*stop_tokens, self.tokenizer.eos_id if self.tokenizer else -1} - {-1})
-    if len(stops) > MAX_STOP_TOKENS:
-      raise ConfigError(f"{len(stops)} stop tokens (end-of-sequence included); at most {MAX_STOP_TOKENS} are supported")
     stop_ids = jnp.asarray(stops + [-1] * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
-    B = -(-batch_size // self.rows_multiple) * self.rows_multiple
+    # No more slots than requests: a slot with nothing in it still costs its share of every step.
+    B = -(-min(batch_size, len(waiting)) // self.rows_multiple) * self.rows_multiple
     S = bucket(max(len(r.ids) + r.budget for r in waiting), self.cfg.model.max_seq_len)
     advance = chunk * (self.speculation.k + 1 if self.speculation else 1)  # the most a row moves in a chunk
     state = self.empty_state(B, S)
@@ -400,6 +397,15 @@ class Sampler:
           yield self._completion(slot, reason, logprobs)
         if slot.finished and steps_in_batch >= static:  # static: the batch frees its slots together
           slots[s] = None
+
+  def stops(self, stop_tokens: Sequence[int]) -> list[int]:
+    """The token ids a row stops at: `stop_tokens` and end-of-sequence."""
+    if bad := [t for t in stop_tokens if not 0 <= t < self.vocab]:
+      raise ConfigError(f"stop token {bad[0]} is not a token id of this vocabulary (0 to {self.vocab - 1})")
+    stops = sorted({*stop_tokens, self.tokenizer.eos_id if self.tokenizer else -1} - {-1})
+    if len(stops) > MAX_STOP_TOKENS:
+      raise ConfigError(f"{len(stops)} stop tokens (end-of-sequence included); at most {MAX_STOP_TOKENS} are supported")
+    return stops
 
   def _gather(self, *rows: jax.Array) -> tuple[np.ndarray, ...]:
     """Every process's rows, whole on each host. Across processes the first gather of each shape compiles
@@ -484,7 +490,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
   checks = [
       (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1"),
       (temperature >= 0, f"temperature={temperature} must be >= 0 (0 is greedy)"),
-      (top_k >= 0, f"top_k={top_k} must be >= 0 (0 keeps every token)"),
+      (0 <= top_k < 2**31, f"top_k={top_k} must be in [0, 2**31) (0, or the vocabulary size or more, keeps every token)"),
       (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
       (num_samples >= 1, f"num_samples={num_samples} must be at least 1"),
       (0 <= seed < 2**32, f"seed={seed} must be in [0, 2**32): JAX keeps 32 bits of it, so others would repeat those"),

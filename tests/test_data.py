@@ -75,6 +75,37 @@ def test_single_long_text_holds_out_its_tail(shared_data):
   assert len(train_docs) > 20  # cut into pieces so rows can be shuffled across the text
 
 
+def test_separate_validation_files_are_cut_into_pieces_too(shared_data, tmp_path):
+  """One long training file and one long validation file: cut as a single source is, so rows of a
+  batch read different text."""
+  text = (shared_data / "tinyshakespeare.txt").read_text()
+  (tmp_path / "train.txt").write_text(text[:1_000_000])
+  (tmp_path / "val.txt").write_text(text[1_000_000:])
+  train_docs, val_docs = data.split(DataConfig(source=str(tmp_path / "train.txt"), val_source=str(tmp_path / "val.txt")))
+  assert "".join(train_docs) == text[:1_000_000] and "".join(val_docs) == text[1_000_000:]
+  assert len(train_docs) > 20 and len(val_docs) > 2
+
+
+def test_held_out_documents_are_each_read_once(tmp_path, tokenizer):
+  """Fewer held-out documents than rows: every document's tokens once, none repeated, padding rows
+  after them; and two processes' rows of each batch make up one process's."""
+  texts = write_docs(tmp_path / "txt", 3)
+  docs = data.open_source(str(tmp_path / "txt"))
+  kw = dict(seq_len=16, global_batch=8, limit=4)
+  whole = data.held_out_batches(docs, tokenizer, rows=range(8), **kw)
+  inputs = np.concatenate([b["inputs"] for b in whole])
+  real = np.concatenate([b["segment_ids"] for b in whole]) != 0
+  want = sorted([tokenizer.bos_id, *tokenizer.encode(t)] for t in texts)  # each document's inputs: BOS and its ids
+  flat = inputs[real].tolist()  # documents start with BOS, and only they
+  starts = [i for i, token in enumerate(flat) if token == tokenizer.bos_id]
+  got = [flat[a:b] for a, b in zip(starts, starts[1:] + [len(flat)])]
+  assert sorted(got) == want
+  assert len(whole) == -(-sum(map(len, want)) // (16 * 8))
+  halves = [data.held_out_batches(docs, tokenizer, rows=range(h * 4, h * 4 + 4), **kw) for h in (0, 1)]
+  for batch, first, second in zip(whole, *halves):
+    np.testing.assert_array_equal(batch["inputs"], np.concatenate([first["inputs"], second["inputs"]]))
+
+
 def test_rows_pack_whole_documents_with_segments_and_positions(tmp_path, tokenizer):
   texts = write_docs(tmp_path / "txt", 12)
   docs = data.open_source(str(tmp_path / "txt"))

@@ -2,7 +2,6 @@
 arithmetic on the same weights, and the loss and greedy output against the float model on a trained run
 (there, also the int8 key/value cache's decode steps)."""
 
-import itertools
 import json
 
 import jax
@@ -68,23 +67,28 @@ def trained_run(tmp_path_factory):
   return run
 
 
+def one_document(tokens_BxL: np.ndarray) -> dict[str, np.ndarray]:
+  return {"inputs": tokens_BxL, "segment_ids": np.ones_like(tokens_BxL),
+          "positions": np.broadcast_to(np.arange(tokens_BxL.shape[1]), tokens_BxL.shape)}
+
+
 @pytest.mark.slow
 def test_int8_on_a_trained_run_loses_under_one_percent_and_keeps_greedy_output(trained_run, tmp_path, capsys):
   exact = Sampler.from_workdir(trained_run)
   int8 = Sampler.from_workdir(trained_run, quantize="int8")
   assert int8.params["blocks"][0]["wq"].qvalue.dtype == jnp.int8
-  forward = {s: jax.jit(lambda p, tokens, g=s.graphdef: nnx.merge(g, p)(tokens)) for s in (exact, int8)}
-  # The trainer's own held-out batches (lm.loop: the validation split, seed 0), whose loss it logged.
+  forward = {s: jax.jit(lambda p, b, g=s.graphdef: nnx.merge(g, p)(b["inputs"], b["segment_ids"], b["positions"]))
+             for s in (exact, int8)}
+  # The trainer's own held-out batches (lm.loop: the validation split), whose loss it logged.
   cfg = exact.cfg
   _, val_docs = data.split(cfg.data)
-  stream = iter(data.batches(val_docs, exact.tokenizer, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=0))
-  batches = list(itertools.islice(stream, cfg.eval.steps))
-  stream.close()
+  batches = data.held_out_batches(val_docs, exact.tokenizer, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size,
+                                  rows=range(cfg.train.batch_size), limit=cfg.eval.steps)
   real = np.stack([b["segment_ids"] != 0 for b in batches])
   targets = np.stack([b["targets"] for b in batches])
   logits, loss = {}, {}
-  for s in (exact, int8):  # every batch is one document stream per row (segment ids 1 or padding)
-    logits[s] = np.stack([forward[s](s.params, jnp.asarray(b["inputs"])) for b in batches])
+  for s in (exact, int8):
+    logits[s] = np.stack([forward[s](s.params, b) for b in batches])
     logp = jax.nn.log_softmax(logits[s], axis=-1)
     loss[s] = -float(np.sum(np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * real) / real.sum())
   logged = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
@@ -104,7 +108,7 @@ def test_int8_on_a_trained_run_loses_under_one_percent_and_keeps_greedy_output(t
   given = np.zeros((32, cfg.model.max_seq_len), np.int32)
   for r, (p, c) in enumerate(zip(prompts, want)):
     given[r, :len(exact.encode(p)) + len(c.token_ids)] = exact.encode(p) + c.token_ids
-  picks = np.asarray(jnp.argmax(forward[int8](int8.params, jnp.asarray(given)), axis=-1))
+  picks = np.asarray(jnp.argmax(forward[int8](int8.params, one_document(given)), axis=-1))
   agree = [picks[r, len(exact.encode(p)) - 1 + np.arange(len(c.token_ids))] == np.asarray(c.token_ids)
            for r, (p, c) in enumerate(zip(prompts, want))]
   assert np.mean(np.concatenate(agree)) >= 0.9
@@ -122,7 +126,7 @@ def test_int8_on_a_trained_run_loses_under_one_percent_and_keeps_greedy_output(t
   positions_RxT = lengths_R[:, None] + np.arange(63)
   decoded = np.asarray(jax.jit(lambda p, c: nnx.merge(kv.graphdef, p).decode(jnp.asarray(forced_RxT), jnp.asarray(positions_RxT), c)[0])(
       kv.params, cache))
-  full = np.asarray(forward[exact](exact.params, jnp.asarray(given)))
+  full = np.asarray(forward[exact](exact.params, one_document(given)))
   fed = [np.arange(len(c.token_ids) - 1) for c in want]
   error = np.concatenate([np.abs(decoded[r, j] - full[r, positions_RxT[r, j]]) for r, j in enumerate(fed)])
   agree = np.concatenate([np.argmax(decoded[r, j], -1) == np.asarray(c.token_ids[1:]) for r, (j, c) in enumerate(zip(fed, want))])
@@ -133,7 +137,7 @@ def test_int8_on_a_trained_run_loses_under_one_percent_and_keeps_greedy_output(t
   tokens = np.zeros((32, cfg.model.max_seq_len), np.int32)
   for r, seq in enumerate(seqs):
     tokens[r, :len(seq)] = seq
-  logp = jax.nn.log_softmax(forward[int8](int8.params, jnp.asarray(tokens)), axis=-1)
+  logp = jax.nn.log_softmax(forward[int8](int8.params, one_document(tokens)), axis=-1)
   for r, (p, c) in enumerate(zip(prompts, got)):
     n = len(int8.encode(p))
     np.testing.assert_allclose(c.logprobs, logp[r, n - 1 + np.arange(len(c.token_ids)), c.token_ids], atol=1e-4)

@@ -1,5 +1,6 @@
 """The KV-cached sampler against a naive decoder that recomputes the whole sequence every step."""
 
+import io
 import json
 import os
 import re
@@ -255,6 +256,12 @@ def test_input_errors(tokenizer):
     sampler.generate(["ok"], max_new_tokens=8, stop_tokens=(3, tokenizer.vocab_size))
 
 
+def test_a_job_of_fewer_prompts_than_slots_decodes_only_its_rows(tokenizer):
+  sampler = make_sampler(tokenizer)
+  sampler.generate(PROMPTS[:1], max_new_tokens=4, batch_size=16)
+  assert {k[1] for k in sampler.compiled if k[0] in ("decode", "insert", "empty")} == {1}, list(sampler.compiled)
+
+
 def test_prefill_time_holds_no_compile(tokenizer, monkeypatch):
   """The prefill tokens/s lm-sample prints: every compile made while prefilling is one that
   `Sampler._compile` times and takes out (one it missed made a one-prompt job read 26 tokens/s, not 464)."""
@@ -292,6 +299,16 @@ def test_prompts_and_outputs_that_cannot_be_used_are_one_line(tmp_path):
   binary.write_bytes(bytes(range(256)))
   with pytest.raises(ConfigError, match="exists and is not an lm-sample output"):
     jobs.open_output(binary, {"seed": 0})
+  one_line = tmp_path / "prompt.json"  # json.dump writes no line end: not a torn line of ours
+  one_line.write_text('{"prompt": "def f(x):"}')
+  with pytest.raises(ConfigError, match=f"^--output '{one_line}' exists and is not an lm-sample output; choose a new path$"):
+    jobs.open_output(one_line, {"seed": 0})
+  assert one_line.read_text() == '{"prompt": "def f(x):"}'
+  torn = tmp_path / "torn.jsonl"  # a kill while the header was written
+  torn.write_text('{"settings": {"se')
+  out, done = jobs.open_output(torn, {"seed": 0})
+  out.close()
+  assert done == set() and torn.read_text() == '{"settings": {"seed": 0}}\n'
   with pytest.raises(ConfigError, match=f"^--prompts file '{binary}' is not UTF-8 text \\(byte 128\\)$"):
     jobs.read_prompts(str(binary))
   with pytest.raises(ConfigError, match=f"^--prompts file '{tmp_path}' is a directory$"):
@@ -394,6 +411,47 @@ def test_cli_errors_are_one_line(args, message, one_step_run, tmp_path):
   assert done.returncode == 1
   errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], done.stderr
+
+
+class Terminal(io.StringIO):
+  def isatty(self) -> bool:
+    return True
+
+
+@pytest.mark.slow
+def test_cli_edges(one_step_run, tmp_path, monkeypatch, capsys):
+  """In process: a bad stop token is refused before --output records it (the corrected rerun is not
+  refused); out-of-range knobs are one line; the progress bar keeps off a terminal that shows the
+  completions; a closed stdout (`| head`) ends the job quietly."""
+  from launch.sample import main
+  out = tmp_path / "out.jsonl"
+  run = ["--workdir", str(one_step_run), "--prompt", "def f(x):", "--max-new-tokens", "4"]
+  assert main([*run, "--stop-token", "999999", "--output", str(out)]) == 1
+  assert capsys.readouterr().err.splitlines()[-1].startswith("error: stop token 999999 is not a token id of this vocabulary")
+  assert main([*run, "--stop-token", "5", "--output", str(out)]) == 0
+  assert len(out.read_text().splitlines()) == 2
+  capsys.readouterr()
+  for args, message in ((["--top-k", str(2**31)], f"top_k={2**31} must be in [0, 2**31) (0, or the vocabulary size or more, keeps every token)"),
+                        (["--draft-tokens", "3"], "--draft-tokens=3 needs --draft DIR or --speculate ngram")):
+    assert main([*run, *args]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"def f{i}():"}) + "\n" for i in range(3)))
+  many = ["--workdir", str(one_step_run), "--prompts", str(prompts), "--max-new-tokens", "4"]
+  for output, bar in (([], False), (["--output", str(tmp_path / "bar.jsonl")], True)):
+    stdout, stderr = Terminal(), Terminal()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main([*many, *output]) == 0
+    assert ("3/3 completions" in stderr.getvalue()) == bar, stderr.getvalue()
+    assert len(stdout.getvalue().splitlines()) == (0 if bar else 3)
+  read, write = os.pipe()
+  os.close(read)  # the reader is gone
+  monkeypatch.setattr(sys, "stdout", open(write, "w"))
+  monkeypatch.setattr(sys, "stderr", Terminal())
+  assert main(many) == 141
+  assert sys.stderr.getvalue().startswith("mesh: ")
+  sys.stdout.close()
 
 
 def test_cli_missing_workdir(tmp_path):
