@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lm import config, data, token_cache
 from lm.config import ConfigError
-from lm.tokenizer import Tokenizer, train as train_tokenizer
+from lm.tokenizer import Tokenizer, check_trained_as, train as train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,17 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.shard_docs < 1:
       raise ConfigError(f"--workers={args.workers} and --shard-docs={args.shard_docs} must be at least 1")
     cfg = config.load(args.config, args.overrides)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-      raise ConfigError(f"--out '{args.out}' is a file; name a directory for the cache")
+    out = Path(args.out)
+    token_cache.existing(out)  # before a tokenizer is trained into it
     if cfg.data.mixture or cfg.data.val_source:
       raise ConfigError("lm-prepare tokenizes data.source alone; prepare each source of data.mixture (or data.val_source) into its own cache")
     docs = data.documents(cfg.data.source, cfg.data.text_field)
     if cfg.tokenizer.path:
       tokenizer = Tokenizer(cfg.tokenizer.path)
-    elif (Path(args.out) / "tokenizer.model").exists():
-      tokenizer = Tokenizer(Path(args.out) / "tokenizer.model")
+    elif (out / "tokenizer.model").exists():  # trained by an earlier attempt
+      tokenizer = Tokenizer(out / "tokenizer.model")
+      check_trained_as(tokenizer, cfg.tokenizer, "--out")
     else:
-      tokenizer = train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, Path(args.out) / "tokenizer.model")
+      tokenizer = train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, out / "tokenizer.model")
     index = token_cache.prepare(docs, cfg.data.source, tokenizer, args.out, workers=args.workers,
                                 shard_docs=args.shard_docs, progress=not args.quiet)
   except ConfigError as e:

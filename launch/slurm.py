@@ -3,7 +3,10 @@ python -m launch.slurm --nodes N --gpus-per-node G [--process-per node|gpu] [--d
 
 Writes a batch script that `srun`s one process per GPU (or one per node, owning all its GPUs) and
 submits it with `sbatch`. JAX reads the SLURM environment in `jax.distributed.initialize()`
-(LM_DISTRIBUTED=auto). `--dry-run` prints the script and what each rank would run instead.
+(LM_DISTRIBUTED=auto) and, unless told otherwise, gives each process the one GPU whose number is its
+SLURM_LOCALID among those it sees: so every task sees all of its node's GPUs (no --gpus-per-task,
+which would leave task k only one, numbered 0), and a process per node is told to take them all
+(JAX_LOCAL_DEVICE_IDS). `--dry-run` prints the script and what each rank would run instead.
 
 `--signal=B:TERM@120` signals only the batch shell, which would not pass it on: the script runs the
 step in the background and its trap forwards TERM to srun, which delivers it to every task.
@@ -37,23 +40,28 @@ def batch_script(nodes: int, gpus: int, per: str, command: list[str], job_name: 
       "set -euo pipefail",
       f"cd {shlex.quote(str(ROOT))}",
       "export LM_DISTRIBUTED=auto",
+      *([f"export JAX_LOCAL_DEVICE_IDS={all_gpus(gpus)}"] if per == "node" else []),
       "trap 'kill -TERM \"$step\" 2>/dev/null' TERM",
-      f"srun --kill-on-bad-exit=1 {'--gpus-per-task=1 ' if per == 'gpu' else ''}{run} &",
+      f"srun --kill-on-bad-exit=1 {run} &",
       "step=$!",
       "wait \"$step\" || wait \"$step\"  # TERM ends the first wait early; the second waits for the tasks' save",
       "",
   ])
 
 
+def all_gpus(gpus: int) -> str:
+  return ",".join(map(str, range(gpus)))
+
+
 def ranks(nodes: int, gpus: int, per: str, command: list[str]) -> list[str]:
-  """What each rank would run, with the SLURM variables JAX reads."""
+  """What each rank would run, with the variables JAX reads."""
   tasks = gpus if per == "gpu" else 1
   run = shlex.join(python_module(command))
+  take_all = f" JAX_LOCAL_DEVICE_IDS={all_gpus(gpus)}" if per == "node" else ""
   lines = []
   for rank in range(nodes * tasks):
-    visible = str(rank % tasks) if per == "gpu" else ",".join(map(str, range(gpus)))
     lines.append(f"rank {rank}: node {rank // tasks} SLURM_PROCID={rank} SLURM_NTASKS={nodes * tasks} "
-                 f"SLURM_LOCALID={rank % tasks} CUDA_VISIBLE_DEVICES={visible} LM_DISTRIBUTED=auto {run}")
+                 f"SLURM_LOCALID={rank % tasks} CUDA_VISIBLE_DEVICES={all_gpus(gpus)} LM_DISTRIBUTED=auto{take_all} {run}")
   return lines
 
 

@@ -29,12 +29,20 @@ def run_meta(settings: dict[str, Any], tokenizer: str | Path) -> dict[str, Any]:
           "tokenizer": {"path": str(Path(tokenizer).absolute()), "sha256": file_digest(tokenizer)}}
 
 
-def run_tokenizer(workdir: str | Path, meta: dict[str, Any]) -> Path:
-  """The tokenizer a run was trained with: where it was then, else the copy in its work directory."""
+def run_tokenizer(workdir: str | Path, step: int, meta: dict[str, Any]) -> Path:
+  """The tokenizer checkpoint `step` was trained with: where it was then, else the copy in the work
+  directory; the first with the digest the checkpoint recorded (a file retrained in place is not it)."""
   path, copy = Path(meta["tokenizer"]["path"]), Path(workdir) / "tokenizer.model"
-  if not path.exists() and not copy.exists():
-    raise ConfigError(f"the tokenizer {workdir} was trained with, {path}, is gone and {copy} does not exist; put one of them back")
-  return path if path.exists() else copy
+  found = [p for p in (path, copy) if p.is_file()]
+  if not found:
+    raise ConfigError(f"the tokenizer {workdir} was trained with, {path}, " + ("does not exist; put it back" if path == copy else
+                      f"is gone and {copy} does not exist; put one of them back"))
+  recorded = meta["tokenizer"].get("sha256")
+  digests = {p: file_digest(p) for p in found} if recorded else {}
+  if recorded and recorded not in digests.values():
+    raise ConfigError(f"tokenizer '{found[0]}' has SHA-256 {digests[found[0]][:12]}..., but step {step} was trained with "
+                      f"{recorded[:12]}...; restore the run's tokenizer")
+  return next(p for p in found if digests.get(p, recorded) == recorded)
 
 
 class UnreadableCheckpoint(ConfigError):

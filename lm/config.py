@@ -310,6 +310,8 @@ def validate(cfg: Config) -> None:
       (sum(v == -1 for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) <= 1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
       *[(v == -1 or v >= 1, f"mesh.{k}={v} must be -1 (the remaining devices) or at least 1")
         for k, v in (("data", cfg.mesh.data), ("fsdp", cfg.mesh.fsdp), ("tensor", cfg.mesh.tensor))],
+      (cfg.checkpoint.keep_every == 0 or cfg.checkpoint.every > 0 and cfg.checkpoint.keep_every % cfg.checkpoint.every == 0,
+       f"checkpoint.keep_every={cfg.checkpoint.keep_every} must be a multiple of checkpoint.every={cfg.checkpoint.every} (only saved steps are kept)"),
       (cfg.profile.start_step >= 1 and cfg.profile.steps >= 0, f"profile.start_step={cfg.profile.start_step} must be at least 1 and profile.steps={cfg.profile.steps} at least 0"),
   ]
   for ok, msg in checks:

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx, traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from lm import config, data
@@ -56,20 +56,22 @@ def _require(hf: dict[str, Any], key: str, where: Path) -> Any:
 
 def _unsupported(hf: dict[str, Any], where: Path) -> None:
   """Settings that would make our model compute something else fail here, naming the field."""
+  # transformers' Mistral attends over 4096 positions where its config.json does not say
+  window = hf.get("sliding_window", 4096 if hf.get("model_type") == "mistral" else None)
   checks = [
-      ("model_type", hf.get("model_type") in FAMILIES, f"supported: {', '.join(FAMILIES)}"),
-      ("hidden_act", hf.get("hidden_act", "silu") == "silu", "valid: \"silu\" (our MLP is SwiGLU)"),
-      ("attention_bias", not hf.get("attention_bias"), "valid: false (our attention has no biases)"),
-      ("mlp_bias", not hf.get("mlp_bias"), "valid: false (our MLP has no biases)"),
-      ("sliding_window", hf.get("sliding_window") is None, "valid: null (we attend over the whole context)"),
+      ("model_type", hf.get("model_type"), hf.get("model_type") in FAMILIES, f"supported: {', '.join(FAMILIES)}"),
+      ("hidden_act", hf.get("hidden_act"), hf.get("hidden_act", "silu") == "silu", "valid: \"silu\" (our MLP is SwiGLU)"),
+      ("attention_bias", hf.get("attention_bias"), not hf.get("attention_bias"), "valid: false (our attention has no biases)"),
+      ("mlp_bias", hf.get("mlp_bias"), not hf.get("mlp_bias"), "valid: false (our MLP has no biases)"),
+      ("sliding_window", window, window is None, "valid: null (we attend over the whole context)"),
   ]
   for field in ("rope_scaling", "rope_parameters"):  # transformers before and since v5
     rope = hf.get(field) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    checks.append((field, rope_type == "default", "valid: null or rope_type \"default\" (plain rotary embeddings)"))
-  for field, ok, valid in checks:
+    checks.append((field, hf.get(field), rope_type == "default", "valid: null or rope_type \"default\" (plain rotary embeddings)"))
+  for field, value, ok, valid in checks:
     if not ok:
-      raise ConfigError(f"{where}: {field}={json.dumps(hf.get(field))} is not supported; {valid}")
+      raise ConfigError(f"{where}: {field}={json.dumps(value)}{'' if field in hf else ' (unset)'} is not supported; {valid}")
 
 
 def model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
@@ -122,7 +124,14 @@ def to_torch(x: np.ndarray, n_in: int) -> np.ndarray:
 def _weight_files(hf_dir: Path) -> list[Path]:
   index = hf_dir / "model.safetensors.index.json"
   if index.is_file():
-    return [hf_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    try:
+      names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+      raise ConfigError(f"'{index}' is not a safetensors index (a \"weight_map\" of tensor names to files)") from None
+    if missing := [name for name in names if not (hf_dir / name).is_file()]:
+      raise ConfigError(f"'{hf_dir}' lacks {missing[0]}, one of the {len(names)} weight files its index names "
+                        f"({len(missing)} missing); download it again")
+    return [hf_dir / name for name in names]
   if (hf_dir / "model.safetensors").is_file():
     return [hf_dir / "model.safetensors"]
   raise ConfigError(f"'{hf_dir}' has neither model.safetensors nor model.safetensors.index.json; only safetensors weights are read")
@@ -131,9 +140,12 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 def _tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
   """Every tensor of every file, one at a time, as float32 (bfloat16 arrives through ml_dtypes)."""
   for file in files:
-    with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        yield name, f.get_tensor(name).astype(np.float32, copy=False)
+    try:
+      with safe_open(file, framework="numpy") as f:
+        for name in f.keys():
+          yield name, f.get_tensor(name).astype(np.float32, copy=False)
+    except SafetensorError as e:  # a download cut short, most often
+      raise ConfigError(f"'{file}' is not a readable safetensors file ({e}); download it again") from None
 
 
 def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
@@ -262,7 +274,7 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
   targets = jax.tree.map(lambda v: np.empty(v.shape, v.dtype), nnx.to_pure_dict(abstract))
   params = ckpts.restore_params(step, targets)
   ckpts.close()
-  tokenizer = Tokenizer(run_tokenizer(workdir, meta))
+  tokenizer = Tokenizer(run_tokenizer(workdir, step, meta))
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(json.dumps(hf_config(cfg.model, tokenizer), indent=2))
   shutil.copyfile(tokenizer.path, out / "tokenizer.model")

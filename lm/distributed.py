@@ -18,21 +18,28 @@ from lm.config import ConfigError, flatten
 
 # Set by launch.local_cluster; on TPU pods and SLURM, LM_DISTRIBUTED=auto lets JAX read the cluster.
 COORDINATOR, NUM_PROCESSES, PROCESS_ID = "LM_COORDINATOR_ADDRESS", "LM_NUM_PROCESSES", "LM_PROCESS_ID"
-TIMEOUT_S = int(os.environ.get("LM_DISTRIBUTED_TIMEOUT", "120"))
+TIMEOUT = "LM_DISTRIBUTED_TIMEOUT"
+
+
+def timeout_s() -> int:
+  value = os.environ.get(TIMEOUT, "120")
+  if not (value.isdigit() and int(value) > 0):
+    raise ConfigError(f"{TIMEOUT}={value!r} must be a whole number of seconds, at least 1")
+  return int(value)
 
 
 def initialize() -> None:
   """Calls `jax.distributed.initialize` where the environment describes a multi-process job."""
   if os.environ.get(COORDINATOR):
-    address, process = os.environ[COORDINATOR], int(os.environ[PROCESS_ID])
-    if process != 0 and not reachable(address, TIMEOUT_S):  # jax would abort the process instead
-      raise ConfigError(f"process {process}: could not reach coordinator {address} within {TIMEOUT_S}s")
+    address, process, timeout = os.environ[COORDINATOR], int(os.environ[PROCESS_ID]), timeout_s()
+    if process != 0 and not reachable(address, timeout):  # jax would abort the process instead
+      raise ConfigError(f"process {process}: could not reach coordinator {address} within {timeout}s")
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=int(os.environ[NUM_PROCESSES]),
-                               process_id=process, initialization_timeout=TIMEOUT_S)
+                               process_id=process, initialization_timeout=timeout)
   elif os.environ.get("LM_DISTRIBUTED") == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(initialization_timeout=timeout_s())
 
 
 def reachable(address: str, timeout_s: float) -> bool:

@@ -47,6 +47,8 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
   """The given tokenizer, else the work directory's (copied from `inherited`, or trained here by an
   earlier attempt at a `fresh` run: then with these settings), else one trained now."""
   path = workdir / "tokenizer.model"
+  if cfg.tokenizer.path and not Path(cfg.tokenizer.path).exists() and not fresh and path.exists():
+    return Tokenizer(path)  # moved since: the run's copy, whose digest the resume checks
   if cfg.tokenizer.path:
     tokenizer = Tokenizer(cfg.tokenizer.path)
     if jax.process_index() == 0 and not path.exists():  # the run keeps a copy: it outlives a moved original
@@ -249,7 +251,7 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   t, lead = cfg.train, jax.process_index() == 0
   source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
   train_docs, val_docs = data.split(cfg.data)
-  inherited = run_tokenizer(resume.parse_init_from(init_from)[0], source[2]) if source else data.cache_tokenizer(cfg.data)
+  inherited = run_tokenizer(resume.parse_init_from(init_from)[0], *source[1:]) if source else data.cache_tokenizer(cfg.data)
   tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not ckpts.steps())
   data.check_tokenizer(cfg.data, tokenizer)
   resolve_vocab(cfg, tokenizer)
@@ -259,6 +261,7 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
     resume.check_init_from(init_from, source[2], cfg, meta)
 
   steps = Steps(cfg, mesh)
+  meta["rows"] = sharding.process_rows(steps.batch_sharding, t.batch_size)
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
   window = data.shuffle_window(cfg.data, t.batch_size, t.seq_len)
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=window, workers=cfg.data.workers, **stream))

@@ -58,6 +58,11 @@ def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], wo
     raise ConfigError(f"{where}: tokenizer {meta['tokenizer']['path']} is not the one it was trained with ({saved['tokenizer']['path']})")
   if saved["process_count"] != meta["process_count"]:
     raise ConfigError(f"{where}: it was saved by {saved['process_count']} processes, this run has {meta['process_count']}")
+  if moved := [f"process {p}: rows {a}-{b - 1} then, {meta['rows'][p][0]}-{meta['rows'][p][1] - 1} now"
+               for p, (a, b) in saved.get("rows", meta["rows"]).items() if meta["rows"][p] != [a, b]]:
+    # each process saved the position of its own rows' streams: another process's rows cannot take it up
+    raise ConfigError(f"{where}: this mesh gives the processes other rows of each batch than its data positions are of "
+                      f"({'; '.join(moved)}); resume with the mesh settings it was saved with")
 
 
 def check_init_from(spec: str, saved: dict[str, Any], cfg: Config, meta: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from lm.config import Config, ConfigError
 from lm.params import abstract_model, param_shardings, unstack
 from lm.quantize import check as check_quantize
 from lm.quantize import quantized
-from lm.tokenizer import Tokenizer, file_digest
+from lm.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
 MAX_STOP_TOKENS = 8  # stop ids are padded to this many (with -1, never a token), so one compile serves all
@@ -205,17 +205,14 @@ class Sampler:
     cfg = config.from_dict(meta["config"])
     cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, jax.device_count()), rules=cfg.mesh.rules)
     config.apply_overrides(cfg, overrides, only=("mesh.", "sample."))
-    tokenizer_path = run_tokenizer(workdir, meta)
-    recorded = meta["tokenizer"].get("sha256")
-    if recorded and tokenizer_path.is_file() and (digest := file_digest(tokenizer_path)) != recorded:
-      raise ConfigError(f"tokenizer '{tokenizer_path}' has SHA-256 {digest[:12]}..., but step {step} was trained with {recorded[:12]}...; restore the run's tokenizer")
+    tokenizer_path = run_tokenizer(workdir, step, meta)
     mesh = sharding.make_mesh(cfg.mesh)
     try:
       params = unstack(load_params(ckpts, step, cfg, mesh), cfg.model, mesh, cfg.mesh.rules, consume=True)
     finally:
       ckpts.close()
     sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh, quantize, kv)
-    sampler.step, sampler.tokenizer_digest = step, recorded
+    sampler.step, sampler.tokenizer_digest = step, meta["tokenizer"].get("sha256")
     return sampler
 
   def encode(self, prompt: str) -> list[int]:

@@ -96,6 +96,14 @@ def local_rows(batch_sharding: NamedSharding, global_batch: int) -> range:
   return range(start, stop)
 
 
+def process_rows(batch_sharding: NamedSharding, global_batch: int) -> dict[str, list[int]]:
+  """Every process's rows of a global batch, [start, stop) (keys are JSON's: strings)."""
+  spans: dict[int, list[tuple[int, int]]] = {}
+  for device, idx in batch_sharding.devices_indices_map((global_batch, 1)).items():
+    spans.setdefault(device.process_index, []).append(idx[0].indices(global_batch)[:2])
+  return {str(p): [min(a for a, _ in s), max(b for _, b in s)] for p, s in sorted(spans.items())}
+
+
 _ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules", default=None)
 
 

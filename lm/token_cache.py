@@ -47,6 +47,25 @@ def _write_shard(s: int) -> int:
   return int(offsets[-1])
 
 
+def existing(out: Path) -> dict[str, Any] | None:
+  """The index of the cache (finished or not) in `out`, None where there is none yet; a directory
+  that holds anything else is refused (a tokenizer alone is a cache's first file)."""
+  if out.exists() and not out.is_dir():
+    raise ConfigError(f"--out '{out}' is a file; name a directory for the cache")
+  index_path = out / "index.json"
+  if not index_path.exists():
+    if out.is_dir() and {p.name for p in out.iterdir()} - {"tokenizer.model"}:
+      raise ConfigError(f"'{out}' is not empty and holds no token cache; name a new directory")
+    return None
+  try:
+    index = json.loads(index_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    index = None
+  if not isinstance(index, dict) or not isinstance(index.get("tokenizer"), dict) or "sha256" not in index["tokenizer"]:
+    raise ConfigError(f"'{index_path}' is not a token cache's index; name a new directory")
+  return index
+
+
 def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, workers: int, shard_docs: int,
             progress: bool = True) -> dict[str, Any]:
   """Writes (or finishes) the cache of `docs`, the documents of `source`, in `out`; returns its index."""
@@ -54,14 +73,11 @@ def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, wo
   plan = {"format": FORMAT, "source": source, "documents": len(docs), "shard_docs": shard_docs,
           "tokenizer": {"path": str(tokenizer.path.absolute()), "sha256": tokenizer.sha256}}
   index_path = out / "index.json"
-  if index_path.exists():
-    old = json.loads(index_path.read_text())
+  if old := existing(out):
     same = all(old.get(k) == plan[k] for k in ("format", "source", "documents", "shard_docs"))
     if not same or old["tokenizer"]["sha256"] != plan["tokenizer"]["sha256"]:
       raise ConfigError(f"'{out}' holds a token cache of {old.get('source')!r} ({old.get('documents')} documents, "
-                        f"tokenizer {old['tokenizer']['path']}); use another directory for {source!r}")
-  elif out.is_dir() and {p.name for p in out.iterdir()} - {"tokenizer.model"}:
-    raise ConfigError(f"'{out}' is not empty and holds no token cache; name a new directory")
+                        f"tokenizer {old['tokenizer'].get('path')}); use another directory for {source!r}")
   out.mkdir(parents=True, exist_ok=True)
   for leftover in out.glob("*.tmp*"):  # a shard an interrupted run was writing
     leftover.unlink()

@@ -87,15 +87,15 @@ class _Reading:
       raise
 
 
-def check_trained_as(tokenizer: Tokenizer, cfg: TokenizerConfig) -> None:
-  """Fails where a tokenizer trained earlier in this work directory was trained with other settings."""
+def check_trained_as(tokenizer: Tokenizer, cfg: TokenizerConfig, where: str = "--workdir") -> None:
+  """Fails where a tokenizer trained earlier in this work directory (`where`) was trained with other settings."""
   spec = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.sp.serialized_model_proto()).trainer_spec
   model_type = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(spec.model_type).lower()
   size_differs = spec.vocab_size > cfg.vocab_size if model_type == "char" else spec.vocab_size != cfg.vocab_size
   if model_type != cfg.model_type or size_differs:
     raise ConfigError(f"{tokenizer.path} was trained as a {model_type} tokenizer of {spec.vocab_size} pieces, not with "
                       f"tokenizer.model_type={cfg.model_type} tokenizer.vocab_size={cfg.vocab_size}; delete it to train "
-                      f"another, or use a new --workdir")
+                      f"another, or use a new {where}")
 
 
 SPECIAL_PIECES = 3 + 2  # <unk> <s> </s>, then newline and tab

@@ -93,6 +93,13 @@ def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
   assert f"[p0] checkpoint at step {stopped} is unreadable on process(es) [1]; moved it to" in stdout
   assert ("[p0] resumed from step 4" in stdout) == (stopped > 4) and f"resumed from step {stopped}" not in stdout
   np.testing.assert_allclose(losses(workdir), losses(single), atol=1e-5)
+  # Rules that give each process every row: its saved position is of rows 0-3 or 4-7 only.
+  proc = cluster(workdir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.steps=10", "mesh.rules={batch: [fsdp]}")
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 1
+  assert ("[p0] error: cannot resume " + str(workdir) + " from step 8: this mesh gives the processes other rows of each batch "
+          "than its data positions are of (process 0: rows 0-3 then, 0-7 now; process 1: rows 4-7 then, 0-7 now); "
+          "resume with the mesh settings it was saved with") in stderr, stderr
 
 
 def test_processes_with_different_settings_fail_naming_the_process(tmp_path):
@@ -112,6 +119,9 @@ def test_unreachable_coordinator_and_mesh_that_does_not_fit(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1
   assert re.fullmatch(r"error: process 1: could not reach coordinator 127.0.0.1:\d+ within 5s", out.stderr.strip())
+  out = subprocess.run([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "run"), *SETTINGS],
+                       cwd=ROOT, env={**env, "LM_DISTRIBUTED_TIMEOUT": "2m"}, capture_output=True, text=True, timeout=300)
+  assert (out.returncode, out.stderr.strip()) == (1, "error: LM_DISTRIBUTED_TIMEOUT='2m' must be a whole number of seconds, at least 1")
   proc = cluster(tmp_path / "run", "mesh.data=3")
   stdout, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 1

@@ -48,6 +48,7 @@ def test_int_is_accepted_where_a_float_is_expected():
     ("data.mixture={stdlib: 0}", r"config key 'data.mixture' weighs {'stdlib': 0}; weights must be positive numbers"),
     ("mesh.rules={batch: 5}", r"config key 'mesh.rules' expects dict\[str, list\[str\]\], got {'batch': 5}"),
     ("mesh.tensor=0", r"mesh.tensor=0 must be -1 \(the remaining devices\) or at least 1"),
+    ("checkpoint.keep_every=750", r"checkpoint.keep_every=750 must be a multiple of checkpoint.every=500 \(only saved steps are kept\)"),
     ("mesh.rules={mpl: [tensor]}", r"mesh.rules has no logical axis 'mpl'; did you mean mlp\? \(valid: batch, vocab, "),
 ])
 def test_errors_are_one_line_naming_key_and_valid_values(override, message):

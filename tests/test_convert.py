@@ -151,6 +151,7 @@ UNSUPPORTED = [
     (dict(mlp_bias=True), "mlp_bias=true is not supported"),
     (dict(hidden_act="gelu"), 'hidden_act="gelu" is not supported; valid: "silu"'),
     (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096 is not supported; valid: null"),
+    (dict(model_type="mistral"), "sliding_window=4096 (unset) is not supported; valid: null"),  # transformers' default
     (dict(rope_scaling={"type": "linear", "factor": 2.0}),
      'rope_scaling={"type": "linear", "factor": 2.0} is not supported; valid: null or rope_type "default"'),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
@@ -219,6 +220,14 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys):
   (hf_dir / "config.json").write_text('{"hidden_size": 64,')
   assert f"{hf_dir / 'config.json'} is not valid JSON (Expecting property name enclosed in double quotes at line 1)" in fails(
       "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
+  sharded = save_hf(tmp_path / "sharded", tokenizer, max_shard_size="100KB")  # a download cut short
+  shards = sorted(sharded.glob("model-*.safetensors"))
+  shards[1].write_bytes(shards[1].read_bytes()[:1000])
+  capsys.readouterr()
+  assert f"'{shards[1]}' is not a readable safetensors file (" in fails("--from-hf", str(sharded), "--workdir", str(tmp_path / "r1"))
+  shards[0].unlink()
+  assert f"'{sharded}' lacks {shards[0].name}, one of the {len(shards)} weight files its index names (1 missing); download it again" in fails(
+      "--from-hf", str(sharded), "--workdir", str(tmp_path / "r2"))
   with pytest.raises(SystemExit):
     convert_main(["--to-hf", "--workdir", str(tmp_path / "run")])
   assert "--to-hf needs --out HF_DIR" in capsys.readouterr().err

@@ -314,6 +314,24 @@ def test_prepare_refuses_what_it_would_not_make_in_one_line(tmp_path, capsys):
   assert not (tmp_path / "cache").exists()
 
 
+def test_prepare_checks_its_directory_and_tokenizer_before_training_one(tmp_path, capsys, tokenizer):
+  from launch.prepare import main
+  write_docs(tmp_path / "txt", 5)
+  source = f"data.source={tmp_path / 'txt'}"
+  assert main(["--out", str(tmp_path / "txt"), "--quiet", source]) == 1  # the source's own directory
+  assert capsys.readouterr().err == f"error: '{tmp_path / 'txt'}' is not empty and holds no token cache; name a new directory\n"
+  assert not (tmp_path / "txt" / "tokenizer.model").exists()  # no tokenizer trained into it first
+  (tmp_path / "odd").mkdir()
+  (tmp_path / "odd" / "index.json").write_text("{}")
+  assert main(["--out", str(tmp_path / "odd"), "--quiet", source]) == 1
+  assert capsys.readouterr().err == f"error: '{tmp_path / 'odd' / 'index.json'}' is not a token cache's index; name a new directory\n"
+  (tmp_path / "cache").mkdir()  # a tokenizer an interrupted attempt trained, of 512 pieces
+  shutil.copyfile(tokenizer.path, tmp_path / "cache" / "tokenizer.model")
+  assert main(["--out", str(tmp_path / "cache"), "--quiet", source, "tokenizer.vocab_size=1024"]) == 1
+  assert capsys.readouterr().err == (f"error: {tmp_path / 'cache' / 'tokenizer.model'} was trained as a bpe tokenizer of 512 pieces, "
+                                     "not with tokenizer.model_type=bpe tokenizer.vocab_size=1024; delete it to train another, or use a new --out\n")
+
+
 def test_workers_keep_a_resumable_order(tmp_path, tokenizer):
   from lm.checkpoint import _DataPosition
   write_docs(tmp_path / "txt", 30)

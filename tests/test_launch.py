@@ -62,19 +62,39 @@ def test_tpu_pod_ships_what_git_lists_and_replaces_the_remote_tree(tmp_path):
   assert (home / "lm" / "kept.py").read_text() == "new = 2\n" and not (home / ARCHIVE).exists()
 
 
-def test_slurm_dry_run_prints_the_script_and_every_rank():
+def gpus_jax_takes(rank_line: str, monkeypatch) -> list[int]:
+  """The GPUs (node numbering) `jax.distributed.initialize()` gives a rank: JAX's own SLURM detection
+  under the rank's variables, as in jax._src.distributed."""
+  from jax._src.clusters import ClusterEnv
+  env = dict(word.split("=", 1) for word in rank_line.split() if "=" in word and word.split("=")[0].isupper())
+  for key in [k for k in os.environ if k.startswith("SLURM_") or k == "JAX_LOCAL_DEVICE_IDS"]:
+    monkeypatch.delenv(key)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.setenv("SLURM_JOB_ID", "7")  # and the nodes of the step, which srun sets too
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "node[0-1]")
+  ids = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")] if "JAX_LOCAL_DEVICE_IDS" in env else None
+  *_, ids = ClusterEnv.auto_detect_unset_distributed_params("node0:1234", None, None, ids, None, 60)
+  visible = [int(v) for v in env["CUDA_VISIBLE_DEVICES"].split(",")]
+  return [visible[i] for i in ids]  # an id past the visible ones fails as an invalid device ordinal
+
+
+def test_slurm_dry_run_gives_each_gpu_to_one_process(monkeypatch):
   out = launch("slurm", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", "--", "train", "--workdir", "/shared/run")
   assert out.returncode == 0, out.stderr
   assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4" in out.stdout
-  assert "srun --kill-on-bad-exit=1 --gpus-per-task=1 python3 -m launch.train --workdir /shared/run" in out.stdout
+  assert "srun --kill-on-bad-exit=1 python3 -m launch.train --workdir /shared/run &" in out.stdout
   ranks = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
-  assert len(ranks) == 8
-  assert ranks[5] == ("rank 5: node 1 SLURM_PROCID=5 SLURM_NTASKS=8 SLURM_LOCALID=1 CUDA_VISIBLE_DEVICES=1 "
-                      "LM_DISTRIBUTED=auto python3 -m launch.train --workdir /shared/run")
+  assert len(ranks) == 8 and ranks[5].startswith("rank 5: node 1 SLURM_PROCID=5 SLURM_NTASKS=8 SLURM_LOCALID=1 ")
+  assert ranks[5].endswith(" python3 -m launch.train --workdir /shared/run")
+  for node in (0, 1):
+    assert [gpus_jax_takes(line, monkeypatch) for line in ranks[4 * node:4 * node + 4]] == [[0], [1], [2], [3]]
   per_node = launch("slurm", "--nodes", "2", "--gpus-per-node", "4", "--process-per", "node", "--dry-run", "--", "sample",
                     "--workdir", "/shared/run", "--prompt", "hi there")
+  assert "\nexport JAX_LOCAL_DEVICE_IDS=0,1,2,3\n" in per_node.stdout
   ranks = [line for line in per_node.stdout.splitlines() if line.startswith("rank ")]
-  assert len(ranks) == 2 and "CUDA_VISIBLE_DEVICES=0,1,2,3" in ranks[1] and "--prompt 'hi there'" in ranks[1]
+  assert len(ranks) == 2 and "--prompt 'hi there'" in ranks[1]
+  assert [gpus_jax_takes(line, monkeypatch) for line in ranks] == [[0, 1, 2, 3]] * 2
 
 
 def test_slurm_errors(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import config, jobs, sharding, speculative
+from lm import config, convert, jobs, sharding, speculative
 from lm.config import ConfigError
 from lm.model import Transformer
 from lm.params import abstract_model, unstack
@@ -383,11 +383,20 @@ def test_a_run_keeps_a_copy_of_the_tokenizer_it_was_given(one_step_run, tmp_path
   shutil.copyfile(one_step_run / "tokenizer.model", given)
   run = tmp_path / "run"
   assert run_trainer(run, "train.steps=1", f"tokenizer.path={given}").returncode == 0
+  kept = (run / "tokenizer.model").read_bytes()
+  given.write_bytes(kept + b"\0")  # retrained in place: the run's copy is the one it was trained with
+  assert Sampler.from_workdir(run).tokenizer.path == run / "tokenizer.model"
+  convert.to_hf(run, tmp_path / "hf")
+  assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == kept
   given.rename(tmp_path / "moved.model")
   assert Sampler.from_workdir(run).generate(["def"], max_new_tokens=2)[0].finish_reason in ("length", "stop")
+  resumed = run_trainer(run, "train.steps=2", f"tokenizer.path={given}")  # the same command, later
+  assert resumed.returncode == 0, resumed.stderr
   (run / "tokenizer.model").unlink()
   with pytest.raises(ConfigError, match=f"^the tokenizer {run} was trained with, {given}, is gone and {run / 'tokenizer.model'} does not exist; put one of them back$"):
-    Sampler.from_workdir(run)
+    Sampler.from_workdir(run, step=1)
+  with pytest.raises(ConfigError, match=f"^the tokenizer {run} was trained with, {run / 'tokenizer.model'}, does not exist; put it back$"):
+    Sampler.from_workdir(run)  # step 2 was trained with the copy
 
 
 def sample_cli(*args):
