@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     step = fit_batch(cfg, mesh, family, args.slices) if args.fit else compile_step(cfg, mesh, family, args.slices)
     reports = [step]
     if sample:
-      sample_cfg = sampling_config(cfg, mesh.devices.size, any(o.startswith("mesh.") for o in args.overrides))
+      sample_cfg = sampling_config(cfg, mesh.devices.size // args.slices, any(o.startswith("mesh.") for o in args.overrides))
       reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample, args.quantize,
                                      args.kv_cache))
   except ConfigError as e:
@@ -195,7 +195,8 @@ def sample_shape(text: str) -> tuple[int, int, int]:
 
 
 def sampling_config(cfg: config.Config, chips: int, mesh_given: bool) -> config.Config:
-  """What lm-sample decodes with: the decode mesh, unless mesh.* overrides name one."""
+  """What lm-sample decodes with: the decode mesh of one slice's `chips` (the slices stacked along
+  data), unless mesh.* overrides name one."""
   from lm.sampler import decode_mesh
 
   if mesh_given:
@@ -403,9 +404,17 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
                         param_shardings(abstract, mesh, rules))
   sampler = Sampler(cfg, params, None, mesh, quantize, kv)
   S = bucket(prompt_len + new_tokens, cfg.model.max_seq_len)
-  insert = sampler.insert_function(rows, S, prefill_rows(rows, sampler.rows_multiple), prompt_bucket(prompt_len, S))
   chunk = cfg.sample.chunk
-  decode = sampler.decode_function(rows, S, chunk)
+  heading = [("sampling", f"{rows} slots x {S} positions ({prompt_len} prompt + {new_tokens} new), decode chunk {chunk}"),
+             ("decode mesh", f"{dict(mesh.shape)}, {quantize or cfg.model.dtype} weights, {kv or cfg.model.dtype} KV cache")]
+  try:
+    insert = sampler.insert_function(rows, S, prefill_rows(rows, sampler.rows_multiple), prompt_bucket(prompt_len, S))
+    decode = sampler.decode_function(rows, S, chunk)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"rows": [*heading, ("KV cache per chip", size(per_chip(sampler.abstract_state(rows, S)["cache"]))),
+                     ("decode total per chip", f"more than {size(hbm)} HBM: DOES NOT FIT ({str(e).splitlines()[0]})")], "fits": False}
   cache_chip = per_chip(sampler.abstract_state(rows, S)["cache"])
   weights_chip = per_chip(sampler.params)
   found = collectives(decode.as_text())
@@ -416,8 +425,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   cost = cost[0] if isinstance(cost, list) else cost
   seconds = float(cost.get("optimal_seconds", float("nan")))
   return {"rows": [
-      ("sampling", f"{rows} slots x {S} positions ({prompt_len} prompt + {new_tokens} new), decode chunk {chunk}"),
-      ("decode mesh", f"{dict(mesh.shape)}, {quantize or cfg.model.dtype} weights, {kv or cfg.model.dtype} KV cache"),
+      *heading,
       attention_row(insert),
       ("parameters per chip", size(weights_chip)),
       ("KV cache per chip", size(cache_chip)),

@@ -12,6 +12,7 @@ Filestore/NFS mount, or a gcsfuse-mounted bucket).
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REMOTE_DIR = "lm"
 ARCHIVE = "lm.tar.gz"
 LOGS = "lm-logs"
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def shipped_files(root: Path) -> list[str]:
@@ -64,6 +66,27 @@ def commands(tpu: str, zone: str, project: str | None, command: list[str], archi
   ]
 
 
+def written_paths(command: list[str]) -> list[str]:
+  """The paths the command writes to: `--workdir` and `--output` values."""
+  out = []
+  for i, arg in enumerate(command):
+    name, eq, value = arg.partition("=")
+    if name in ("--workdir", "--output"):
+      out += [value] if eq else command[i + 1:i + 2]
+  return out
+
+
+def check(command: list[str], run_name: str) -> str | None:
+  """What would make the launch lose output or fail on the workers, if anything."""
+  if not RUN_NAME.fullmatch(run_name):
+    return f"--run-name '{run_name}' names a log file: use letters, digits, '.', '_' and '-'"
+  for path in written_paths(command):
+    if not Path(path).is_absolute() and Path(path).parts[:1] != ("runs",):
+      return (f"'{path}' would be inside each worker's ~/{REMOTE_DIR}, which every launch replaces (only its runs/ is kept): "
+              f"write under runs/, or to an absolute path on storage every worker sees")
+  return None
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="tpu_pod", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tpu", required=True, help="TPU VM name")
@@ -74,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
   args = parser.parse_args(argv)
   command = entry_command(parser, args.command)
+  if problem := check(command, args.run_name):
+    parser.exit(2, f"error: {problem}\n")
   files = shipped_files(ROOT)
   where = ["--zone", args.zone] + (["--project", args.project] if args.project else [])
   follow = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, *where, "--worker=0", "--command",

@@ -203,7 +203,8 @@ class Sampler:
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
-    cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, jax.device_count()), rules=cfg.mesh.rules)
+    per_slice = jax.device_count() // sharding.slices_of(jax.devices())  # make_mesh stacks the slices along data
+    cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, per_slice), rules=cfg.mesh.rules)
     config.apply_overrides(cfg, overrides, only=("mesh.", "sample."))
     tokenizer_path = run_tokenizer(workdir, step, meta)
     mesh = sharding.make_mesh(cfg.mesh)

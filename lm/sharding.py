@@ -37,9 +37,14 @@ def check_rules(rules: dict[str, list[str]]) -> None:
       raise ConfigError(f"mesh.rules.{name}={axes} names mesh axis '{twice[0]}' twice; an array splits over an axis once")
 
 
-def slice_count(cfg: MeshConfig, devices: Sequence[jax.Device]) -> int:
+def slices_of(devices: Sequence[jax.Device]) -> int:
   """How many slices (TPU pod slices joined over the data-center network) the devices come from."""
-  count = len({getattr(d, "slice_index", 0) for d in devices})
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def slice_count(cfg: MeshConfig, devices: Sequence[jax.Device]) -> int:
+  """`slices_of` the devices, which `mesh.slices` (0: any) must agree with."""
+  count = slices_of(devices)
   if cfg.slices not in (0, count):
     raise ConfigError(f"mesh.slices={cfg.slices}, but the {len(devices)} devices come from {count} slice(s); set it to {count} or 0")
   return count

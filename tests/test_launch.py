@@ -36,6 +36,20 @@ def test_tpu_pod_dry_run_ships_an_archive_that_replaces_the_tree_and_runs_detach
   assert follow.endswith("--worker=0 --command 'tail -f ~/lm-logs/r1.log'")
 
 
+def test_tpu_pod_refuses_output_that_the_next_launch_would_delete(capsys):
+  from launch.tpu_pod import main
+  base = ["--tpu", "pod7", "--zone", "z", "--dry-run"]
+  for args, message in (
+      (["--", "train", "--workdir", "out/7b"], "'out/7b' would be inside each worker's ~/lm, which every launch replaces"),
+      (["--", "sample", "--workdir", "/mnt/r", "--prompt", "x", "--output=done.jsonl"], "'done.jsonl' would be inside"),
+      (["--run-name", "exp/1", "--", "train", "--workdir", "/mnt/r"], "--run-name 'exp/1' names a log file: use letters, digits"),
+  ):
+    with pytest.raises(SystemExit) as e:
+      main(base + args)
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {message}")
+  assert main(base + ["--", "train", "--workdir", "runs/7b"]) == 0  # runs/ survives a launch
+
+
 def test_tpu_pod_ships_what_git_lists_and_replaces_the_remote_tree(tmp_path):
   from launch.tpu_pod import ARCHIVE, shipped_files, unpack, write_archive
 
@@ -198,6 +212,17 @@ def test_the_default_decode_mesh_gathers_no_weight_on_a_tpu_topology():
     assert dict(reports[name]["rows"])["decode mesh"].startswith({"decode": "{'data': 2, 'fsdp': 1, 'tensor': 2}",
                                                                   "fsdp": "{'data': 1, 'fsdp': 4, 'tensor': 1}"}[name])
   assert reports["decode"]["weight_gather_bytes"] == 0 < reports["fsdp"]["weight_gather_bytes"]
+  # two slices: each its own decode mesh, the slices stacked along data (the training table comes first)
+  two = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--slices", "2", "--sample", "4,16,16", *model)
+  assert two.returncode == 0, two.stderr
+  assert re.search(r"^decode mesh\s+\{'data': 4, 'fsdp': 1, 'tensor': 2\}", two.stdout, re.M), two.stdout
+  assert aot_total(two.stdout, "  of which weight all-gathers") == 0
+  # 4096 slots of 8192 positions: a 25.8 GB cache per 16 GB chip is a row of the table, not XLA's traceback
+  big = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4096,16,8176", *model[:1],
+               "model.max_seq_len=8192")
+  assert big.returncode == 1 and "Traceback" not in big.stderr, big.stderr
+  assert re.search(r"^decode total per chip\s+more than 17.18 GB HBM: DOES NOT FIT \(RESOURCE_EXHAUSTED: ", big.stdout, re.M), big.stdout
+  assert re.search(r"^total per chip\s+.* HBM: fits$", big.stdout, re.M)  # the training table still comes first
   temporaries = aot_total("\n".join(f"{k} {v}" for k, v in reports["fsdp"]["rows"]), r"decode temporaries per chip \(XLA\)")
   assert temporaries < 67.2e6  # never many layers' gathered weights at once (0.31 GB when the TPU prefetched them)
 
