@@ -99,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.vocab_size == 0:
       raise ConfigError("model.vocab_size is 0; set it (the tokenizer is not loaded here)")
     mesh = topology_mesh(cfg, family, dims, args.slices)
-    step = fit_batch(cfg, mesh, family, args.slices) if args.fit else compile_step(cfg, mesh, family, args.slices)
-    reports = [step]
+    try:
+      reports = [fit_batch(cfg, mesh, family, args.slices) if args.fit else compile_step(cfg, mesh, family, args.slices)]
+    except DoesNotFit as e:
+      if not sample:
+        raise
+      print(f"error: {e}", file=sys.stderr)  # the sampler's table is still wanted: it does not depend on the batch
+      reports = [{"rows": [], "fits": False}]
     if sample:
       sample_cfg = sampling_config(cfg, mesh.devices.size // args.slices, any(o.startswith("mesh.") for o in args.overrides))
       reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample, args.quantize,
@@ -322,13 +327,14 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
 
 COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-done)?\(")
 ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
-CALLEE = re.compile(r"\b(?:calls|body|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?")
+CALLEE = re.compile(r"\b(calls|body|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?")
 TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
   """Every collective a compiled module runs, as (kind, result shape, bytes, times run): ops inside a
-  loop body count once per iteration of each loop around them."""
+  loop body count once per iteration of each loop around them; of a conditional's branches, which
+  run one at a time (greedy or sampled tokens), the one moving the most bytes."""
   bodies: dict[str, list[str]] = {}
   name = None
   for line in hlo.splitlines():
@@ -340,9 +346,10 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
         entry = name
     elif name is not None:
       bodies[name].append(line)
-  found = []
+  moved = lambda ops: sum(b * n for *_, b, n in ops)
 
-  def walk(comp: str, times: int) -> None:
+  def walk(comp: str, times: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    found = []
     for line in bodies.get(comp, []):
       op = COLLECTIVE.search(line)
       if op and not re.search(r"-start\(", line):
@@ -351,12 +358,12 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
           itemsize = 1 if dtype == "pred" or dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)) // 8
           found.append((op.group(2), shape, math.prod(shape) * itemsize, times))
       trips = int(m.group(1)) if (m := TRIPS.search(line)) else loop_bound(bodies, line)
-      for callees in CALLEE.findall(line):
-        for callee in callees.replace("%", "").split(","):
-          walk(callee.strip(), times * (trips if "body=" in line else 1))
+      for kind, callees in CALLEE.findall(line):
+        called = [walk(c.strip(), times * (trips if kind == "body" else 1)) for c in callees.replace("%", "").split(",")]
+        found += max(called, key=moved) if kind == "branch_computations" else [op for ops in called for op in ops]
+    return found
 
-  walk(entry, 1)
-  return found
+  return walk(entry, 1)
 
 
 def loop_bound(bodies: dict[str, list[str]], line: str) -> int:

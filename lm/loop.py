@@ -292,10 +292,12 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
     state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop, profile)
   finally:
     profile.stop()
-    stop.restore()
     train_iter.close()
     writer.close()
-    saves.close()
+    try:
+      saves.close()  # the last save is written before a second notice can end the process
+    finally:
+      stop.restore()
   if lead:
     metrics.plot(workdir)
   return state

@@ -193,6 +193,42 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   assert args(large.stdout) < args(small.stdout)
 
 
+HLO = """HloModule decode
+
+%greedy (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %r = f32[4]{0} all-reduce(%p), replica_groups={}, to_apply=%add
+}
+
+%sample (p: f32[4]) -> f32[16] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %g = f32[16]{0} all-gather(%p), dimensions={0}
+}
+
+%step (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %x = f32[4]{0} get-tuple-element(%t), index=1
+  %s = bf16[8,2]{1,0} all-reduce(%y), replica_groups={}, to_apply=%add
+  %c = f32[4]{0} conditional(%i, %x, %x), branch_computations={%greedy, %sample}
+}
+
+%more (t: (s32[], f32[4])) -> pred[] {
+  %n = s32[] constant(16)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t), condition=%more, body=%step
+}
+"""
+
+
+def test_collectives_count_loop_bodies_by_their_trips_and_one_branch_of_a_conditional():
+  """16 steps, each an all-reduce of 8 x 2 bfloat16 and one of two branches: the larger, 16 float32."""
+  from launch import aot
+  found = aot.collectives(HLO)
+  assert sorted(found) == [("all-gather", (16,), 64, 16), ("all-reduce", (8, 2), 32, 16)]
+
+
 @pytest.mark.slow
 def test_the_default_decode_mesh_gathers_no_weight_on_a_tpu_topology():
   """Deviceless v5e-4: tensor over the 2 kv heads, data over slots. The compiled decode loop gathers
@@ -242,8 +278,9 @@ def test_aot_fit_finds_a_batch_that_fits_where_twice_it_does_not():
   assert re.search(r"^largest batch that fits\s+4 \(searched in steps of 4, remat save_matmuls, 2 compiles\); "
                    r"train.batch_size=8 needs [\d.]+ GB per chip", fit.stdout, re.M)
   assert re.search(r"^total per chip .*: fits$", fit.stdout, re.M)
-  twice = launch("aot", *base, f"train.batch_size={2 * batch}")
+  twice = launch("aot", *base, f"train.batch_size={2 * batch}", "--sample", "4,16,16")  # the sampler's table still comes
   assert twice.returncode == 1 and "Traceback" not in twice.stderr
+  assert re.search(r"^decode total per chip\s+.* HBM: fits$", twice.stdout, re.M), twice.stdout
   assert re.fullmatch(rf"error: train.batch_size={2 * batch} needs ([\d.]+) GB per chip, a v5e chip has 17.18 GB",
                       twice.stderr.strip())
   assert float(re.search(r"needs ([\d.]+) GB", twice.stderr).group(1)) > 17.18

@@ -4,6 +4,7 @@ import io
 import json
 import math
 import re
+import subprocess
 import sys
 import time
 
@@ -14,7 +15,7 @@ import yaml
 
 from lm import config, data, flops, loop, metrics
 from lm.config import ConfigError
-from tests.conftest import run_trainer, tiny_overrides
+from tests.conftest import ROOT, run_trainer, tiny_overrides, trainer_command
 
 
 class Terminal(io.StringIO):
@@ -99,6 +100,19 @@ def test_nan_loss_stops_with_one_line_naming_the_step(tmp_path):
   assert all(math.isfinite(r.get("loss", 0.0)) for r in logged)
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved == list(range(1, bad))  # a bad step never produces a checkpoint
+
+
+@pytest.mark.slow
+def test_a_second_notice_while_the_last_save_is_written_does_not_lose_it(tmp_path):
+  """A preemption's second SIGTERM (or a second Ctrl-C) arriving as the last checkpoint is written:
+  the run still ends with that checkpoint, exit 0. The notice is sent from within the wait for the save."""
+  notice = ("import os, signal, sys; from lm import loop; close = loop.Saves.close; "
+            "loop.Saves.close = lambda self: (os.kill(os.getpid(), signal.SIGTERM), close(self))[1]; "
+            "from launch.train import main; sys.exit(main())")
+  command = trainer_command(tmp_path / "run", "train.steps=3")
+  out = subprocess.run([sys.executable, "-c", notice, *command[3:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.returncode, out.stderr)
+  assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
 
 
 def test_bad_override_fails_before_any_work(tmp_path):
