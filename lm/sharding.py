@@ -92,9 +92,17 @@ def check_batch(batch_size: int, mesh: Mesh, rules: dict[str, list[str]], what: 
     raise ConfigError(f"{what}={batch_size} is not divisible by the process count {jax.process_count()}")
 
 
+def _row_spans(batch_sharding: NamedSharding, global_batch: int) -> dict[int, set[tuple[int, int]]]:
+  """Per process, the [start, stop) spans of the global batch its devices hold."""
+  spans: dict[int, set[tuple[int, int]]] = {}
+  for device, idx in batch_sharding.devices_indices_map((global_batch, 1)).items():
+    spans.setdefault(device.process_index, set()).add(idx[0].indices(global_batch)[:2])
+  return spans
+
+
 def local_rows(batch_sharding: NamedSharding, global_batch: int) -> range:
   """The rows of a global batch that this process's devices hold; they must be contiguous."""
-  spans = {idx[0].indices(global_batch)[:2] for idx in batch_sharding.addressable_devices_indices_map((global_batch, 1)).values()}
+  spans = _row_spans(batch_sharding, global_batch)[jax.process_index()]
   start, stop = min(a for a, _ in spans), max(b for _, b in spans)
   if sum(b - a for a, b in spans) != stop - start:
     raise ConfigError(f"process {jax.process_index()} holds rows {sorted(spans)} of the batch, not one contiguous block; reorder mesh axes so the batch axes lead")
@@ -103,10 +111,7 @@ def local_rows(batch_sharding: NamedSharding, global_batch: int) -> range:
 
 def process_rows(batch_sharding: NamedSharding, global_batch: int) -> dict[str, list[int]]:
   """Every process's rows of a global batch, [start, stop) (keys are JSON's: strings)."""
-  spans: dict[int, list[tuple[int, int]]] = {}
-  for device, idx in batch_sharding.devices_indices_map((global_batch, 1)).items():
-    spans.setdefault(device.process_index, []).append(idx[0].indices(global_batch)[:2])
-  return {str(p): [min(a for a, _ in s), max(b for _, b in s)] for p, s in sorted(spans.items())}
+  return {str(p): [min(a for a, _ in s), max(b for _, b in s)] for p, s in sorted(_row_spans(batch_sharding, global_batch).items())}
 
 
 _ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules", default=None)
