@@ -214,8 +214,10 @@ def topology_mesh(cfg: config.Config, family: str, dims: tuple[int, ...], slices
 
   from lm import sharding
 
+  # v4 runs its chip's two TensorCores as one device (megacore), as v5p does by default.
   topology = topologies.get_topology_desc(
-      platform="tpu", topology_name=f"{family}:{'x'.join(map(str, dims))}", chip_config_name="default",
+      platform="tpu", topology_name=f"{family}:{'x'.join(map(str, dims))}",
+      chip_config_name="megacore" if family == "v4" else "default",
       chips_per_host_bounds=(min(dims[0], 2), min(dims[1], 2), 1), num_slices=slices)
   return sharding.make_mesh(cfg.mesh, list(topology.devices))
 

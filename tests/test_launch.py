@@ -193,6 +193,16 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   assert args(large.stdout) < args(small.stdout)
 
 
+
+def test_v4_and_v5p_topologies_have_one_device_per_chip():
+  """Both name TensorCores, two a chip, and run each chip as one device (megacore): v4-8 and v5p-8 are 4."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from launch import aot
+  cfg = config.load("configs/tiny.yaml", ["model.vocab_size=2048"])
+  for name in ("v4-8", "v5p-8"):
+    family, dims = aot.topology_shape(name)
+    assert aot.topology_mesh(cfg, family, dims, 1).devices.size == 4, name
+
 HLO = """HloModule decode
 
 %greedy (p: f32[4]) -> f32[4] {
