@@ -169,9 +169,10 @@ class StepLog:
 
   def __call__(self, done: int, step_metrics: dict[str, jax.Array]) -> None:
     """Called once the next step is already queued, so reading the loss does not stall the device."""
-    loss = float(step_metrics["loss"])
-    if not math.isfinite(loss):
-      raise TrainingError(f"loss became {loss} at step {done}; training stopped, nothing more was saved")
+    # The loss is that of the parameters before the step; inf or NaN gradients poison the ones after it.
+    for name, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
+      if not math.isfinite(value := float(step_metrics[key])):
+        raise TrainingError(f"{name} became {value} at step {done}; training stopped, nothing more was saved")
     if not due(done, self.every) and done != self.last:
       return
     m = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "tokens"}

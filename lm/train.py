@@ -109,22 +109,30 @@ class Steps:
     if A == 1:
       grads, (nll, _) = grad_fn(state.params, batch, scale)
     else:
-      # Row r of micro-batch i is global row r * A + i, so every device keeps its own rows.
-      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // A, A, *x.shape[1:]), 0, 1), batch)
-
       def accumulate(carry, mb):
         grads, (nll, _) = grad_fn(state.params, jax.lax.with_sharding_constraint(mb, self.batch_sharding), scale)
         return jax.tree.map(jnp.add, carry, (grads, nll)), None
 
-      (grads, nll), _ = jax.lax.scan(accumulate, (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(())), micro)
+      (grads, nll), _ = jax.lax.scan(accumulate, (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(())), self._micro(batch))
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": nll * scale, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
                "tokens": tokens}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+  def _micro(self, batch: Batch) -> Batch:
+    """The batch as `train.grad_accum` micro-batches, stacked. Row r of micro-batch i is global row
+    r * A + i, so every device keeps its own rows."""
+    A = self.cfg.train.grad_accum
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // A, A, *x.shape[1:]), 0, 1), batch)
+
   def _eval_step(self, params: dict[str, Any], batch: Batch) -> dict[str, jax.Array]:
-    _, (nll, tokens) = self._sums(params, batch)
+    # A micro-batch at a time, as training: the whole batch's logits at once need grad_accum times the memory.
+    def add(carry, mb):
+      _, sums = self._sums(params, jax.lax.with_sharding_constraint(mb, self.batch_sharding))
+      return jax.tree.map(jnp.add, carry, sums), None
+
+    (nll, tokens), _ = jax.lax.scan(add, (jnp.zeros(()), jnp.zeros(())), self._micro(batch))
     return {"nll": nll, "tokens": tokens}
 
   def shard_batch(self, local_batch: dict[str, Any]) -> Batch:

@@ -1,5 +1,6 @@
 """The real trainer, run as a user runs it: python -m launch.train."""
 
+import dataclasses
 import io
 import json
 import math
@@ -101,6 +102,34 @@ def test_nan_loss_stops_with_one_line_naming_the_step(tmp_path):
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved == list(range(1, bad))  # a bad step never produces a checkpoint
 
+
+def test_infinite_gradients_with_a_finite_loss_stop_before_a_save(tmp_path, tokenizer, monkeypatch):
+  """Step 3's gradients overflow while its loss (of the parameters before it) is finite: the update
+  leaves NaN parameters, which step 3's checkpoint must not hold."""
+  from lm import train
+
+  class OverflowingSteps(train.Steps):
+    def __init__(self, *args):
+      super().__init__(*args)
+      step, self.calls = self.train_step, 0
+
+      def overflowing(state, batch):
+        state, out = step(state, batch)
+        self.calls += 1
+        if self.calls == 3:
+          state = dataclasses.replace(state, params=jax.tree.map(lambda p: p * np.nan, state.params))
+          out = out | {"grad_norm": out["grad_norm"] * np.inf}
+        return state, out
+
+      self.train_step = overflowing
+
+  monkeypatch.setattr(loop, "Steps", OverflowingSteps)
+  cfg = config.load("configs/tiny.yaml", tiny_overrides(**{
+      "tokenizer.path": tokenizer.path, "train.steps": 5, "train.warmup_steps": 1, "checkpoint.every": 1,
+      "checkpoint.keep": 10}))
+  with pytest.raises(loop.TrainingError, match=r"^gradient norm became inf at step 3; training stopped, nothing more was saved$"):
+    loop.run(cfg, tmp_path / "run")
+  assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
 
 @pytest.mark.slow
 def test_a_second_notice_while_the_last_save_is_written_does_not_lose_it(tmp_path):

@@ -100,6 +100,22 @@ def test_loss_is_mean_nll_over_real_tokens():
   assert float(out["nll"]) == pytest.approx(nll[real].sum(), rel=1e-5)
 
 
+def test_evaluation_takes_a_micro_batch_at_a_time_as_training_does():
+  """With train.grad_accum=4 the held-out sums are the whole batch's, and the compiled evaluation's
+  temporaries (the logits above all) are a quarter batch's: all rows at once need memory that
+  training, split into micro-batches, never does."""
+  batch = packed_batch()
+  sums, temporaries = {}, {}
+  for accum in (1, 4):
+    cfg = make_cfg("mesh.data=2", "model.vocab_size=4096", f"train.grad_accum={accum}")
+    steps = Steps(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:2]))
+    params, sharded = steps.init_state(0).params, steps.shard_batch(batch)
+    sums[accum] = {k: float(v) for k, v in steps.eval_step(params, sharded).items()}
+    temporaries[accum] = steps.eval_step.lower(params, sharded).compile().memory_analysis().temp_size_in_bytes
+  assert sums[4]["tokens"] == sums[1]["tokens"] == 8 * 32 - 4
+  assert sums[4]["nll"] == pytest.approx(sums[1]["nll"], rel=1e-5)
+  assert temporaries[4] < 0.5 * temporaries[1]
+
 def test_z_loss_changes_gradients_but_not_reported_loss():
   cfg = make_cfg("mesh.data=1")
   plain_losses, plain_params, _ = run_steps(cfg, jax.devices()[:1], n=2)
