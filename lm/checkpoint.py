@@ -51,6 +51,25 @@ class UnreadableCheckpoint(ConfigError):
     self.step = step
 
 
+class RestoreFailed(ConfigError):
+  """A readable checkpoint that this machine could not take in: out of memory, a device error, storage
+  that did not answer or refused access. Nothing is moved: the same checkpoint serves a rerun."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"checkpoint at step {step} could not be restored here ({reason}); it was left in place: "
+                     f"rerun where there is the memory and access it needs")
+    self.step = step
+
+
+# Statuses (XLA's, tensorstore's) of a failure of the machine or the storage service, not of the files.
+ENVIRONMENT_STATUSES = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "PERMISSION_DENIED", "UNAUTHENTICATED")
+
+
+def environment_error(e: Exception) -> bool:
+  return (isinstance(e, (MemoryError, PermissionError, jax.errors.JaxRuntimeError))
+          or any(status in str(e) for status in ENVIRONMENT_STATUSES))
+
+
 def _locate(message: str, step_dir: Path) -> str:
   """The file a restore error is about: tensorstore names the item's directory and the array's key in it."""
   paths = re.findall(r"'path': '([^']*)'", message)
@@ -174,8 +193,10 @@ class Checkpoints:
       return self.reader.restore(step, args=ocp.args.Composite(**items))
     except ConfigError:
       raise
-    except Exception as e:  # orbax and tensorstore raise many kinds; all mean the same here
+    except Exception as e:  # orbax and tensorstore raise many kinds: a file's fault, or the machine's
       reason = " ".join(str(e).split("See full TensorStore details")[0].split())[:200]
+      if environment_error(e):
+        raise RestoreFailed(step, reason) from None
       raise UnreadableCheckpoint(step, _locate(str(e), self.dir / str(step)), reason) from None
 
   def set_aside(self, step: int) -> Path | None:

@@ -21,7 +21,7 @@ from lm import config, data, distributed, flops, metrics, resume, sharding
 from lm.checkpoint import Checkpoints, run_meta, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.model import count_params
-from lm.tokenizer import Tokenizer, check_trained_as, train as train_tokenizer
+from lm.tokenizer import Tokenizer, check_trained_as, file_digest, train as train_tokenizer
 from lm.train import Steps, TrainState
 
 
@@ -47,11 +47,13 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
   """The given tokenizer, else the work directory's (copied from `inherited`, or trained here by an
   earlier attempt at a `fresh` run: then with these settings), else one trained now."""
   path = workdir / "tokenizer.model"
-  if cfg.tokenizer.path and not Path(cfg.tokenizer.path).exists() and not fresh and path.exists():
-    return Tokenizer(path)  # moved since: the run's copy, whose digest the resume checks
+  if cfg.tokenizer.path and not fresh and path.exists() and (
+      not Path(cfg.tokenizer.path).exists() or file_digest(cfg.tokenizer.path) != file_digest(path)):
+    return Tokenizer(path)  # moved or retrained since: the run's copy, whose digest the resume checks
   if cfg.tokenizer.path:
     tokenizer = Tokenizer(cfg.tokenizer.path)
-    if jax.process_index() == 0 and not path.exists():  # the run keeps a copy: it outlives a moved original
+    # The run keeps a copy, which outlives a moved original; a fresh run's replaces an earlier attempt's.
+    if jax.process_index() == 0 and (not path.exists() or fresh and file_digest(path) != tokenizer.sha256):
       shutil.copyfile(tokenizer.path, path)
     return tokenizer
   if not path.exists() and inherited is not None:
@@ -267,6 +269,9 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   window = data.shuffle_window(cfg.data, t.batch_size, t.seq_len)
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=window, workers=cfg.data.workers, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
+  if cfg.tokenizer.path and tokenizer.path != Path(cfg.tokenizer.path):
+    writer.say(f"tokenizer.path {cfg.tokenizer.path} is gone or no longer the file this run was trained with; "
+               f"it goes on with its copy, {tokenizer.path}")
   if cfg.data.workers and data.token_ids(train_docs):
     writer.say(f"data.workers={cfg.data.workers} is not used: token caches are packed in the training process, faster than in workers")
   state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say)

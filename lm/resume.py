@@ -12,12 +12,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm import config
-from lm.checkpoint import Checkpoints, UnreadableCheckpoint, open_run
+from lm.checkpoint import Checkpoints, RestoreFailed, UnreadableCheckpoint, open_run
 from lm.config import Config, ConfigError
 
 # Settings that may change when a run resumes: schedule, cadences, precision, remat, the attention
-# kernel, the mesh, profiling and sampling.
-SAFE_CHANGES = ("train.steps", "train.learning_rate", "train.warmup_steps", "train.min_lr_ratio",
+# kernel, the mesh, profiling, sampling, and where the tokenizer lies (its SHA-256 is checked).
+SAFE_CHANGES = ("tokenizer.path", "train.steps", "train.learning_rate", "train.warmup_steps", "train.min_lr_ratio",
                 "train.weight_decay", "train.b1", "train.b2", "train.clip_norm", "train.z_loss",
                 "train.grad_accum", "model.dtype", "model.remat", "model.attention", "eval.", "checkpoint.", "log.", "mesh.", "profile.", "sample.")
 
@@ -65,6 +65,15 @@ def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], wo
                       f"({'; '.join(moved)}); resume with the mesh settings it was saved with")
 
 
+def check_retention(saved: dict[str, Any], cfg: Config, steps: list[int], where: str) -> None:
+  """Each save applies this run's retention to every checkpoint there: one kept for ever under the
+  saved checkpoint.keep_every must stay kept under the new one."""
+  old, new = saved["checkpoint"].get("keep_every", 0), cfg.checkpoint.keep_every
+  if lost := [s for s in steps if old and s % old == 0 and not (new and s % new == 0)]:
+    raise ConfigError(f"{where}: checkpoint.keep_every {old} -> {new} would delete steps {lost}, kept for ever until now; "
+                      f"resume with checkpoint.keep_every={old} (or a divisor of it), or move them out of checkpoints/ first")
+
+
 def check_init_from(spec: str, saved: dict[str, Any], cfg: Config, meta: dict[str, Any]) -> None:
   """Fails where the other run's parameters do not fit this model, or were trained with another tokenizer."""
   if changes := model_changes(saved["config"], cfg):
@@ -85,16 +94,23 @@ def restore_newest(ckpts: Checkpoints, cfg: Config, meta: dict[str, Any], workdi
                    data_iter: Any, say: Callable[[str], None]) -> Any | None:
   """The state of the newest checkpoint every process can read (and the data position it saved), or None
   where there is none; unreadable checkpoints are set aside on the way. All processes agree on each step,
-  so one that cannot read its part of a checkpoint moves them all on to the previous one."""
+  so one that cannot read its part of a checkpoint moves them all on to the previous one. One that lacks
+  the memory or access to take it in stops them all, and moves nothing."""
   fresh = data_iter.get_state()
   for step in reversed(ckpts.steps()):
-    error = None
+    error = failed_here = None
     try:
       saved = ckpts.meta(step)
       check_resumable(saved, cfg, meta, workdir, step)
+      check_retention(saved["config"], cfg, ckpts.steps(), f"cannot resume {workdir} from step {step}")
       state = ckpts.restore(step, abstract_state, data_iter)
     except UnreadableCheckpoint as e:
       error = e
+    except RestoreFailed as e:
+      failed_here = e
+    # Out of memory or access anywhere: every process stops and the checkpoint stays for a rerun.
+    if failed := failed_processes(failed_here is not None):
+      raise failed_here or RestoreFailed(step, f"process(es) {failed} could not take it in")
     if failed := failed_processes(error is not None):
       moved = ckpts.set_aside(step)
       why = str(error or f"checkpoint at step {step} is unreadable")

@@ -138,6 +138,34 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one_and_is_kept(straigh
   assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [6, 12, 14]
 
 
+def test_a_checkpoint_this_machine_cannot_take_in_is_left_in_place(straight, tmp_path, monkeypatch):
+  """Out of device memory while the parameters are placed (as on too few chips): one line, every
+  checkpoint where it was, the metrics untouched; not 'unreadable', which would set them all aside
+  and start again from step 0."""
+  import orbax.checkpoint as ocp
+
+  from lm import config, loop
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  metrics_before = (workdir / "metrics.jsonl").read_text()
+  restore = ocp.CheckpointManager.restore
+
+  def out_of_memory(self, step, args=None, **kwargs):
+    if "params" in args:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
+    return restore(self, step, args=args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", out_of_memory)
+  line = (r"^checkpoint at step 12 could not be restored here \(RESOURCE_EXHAUSTED: Out of memory while trying to "
+          r"allocate 1.2GiB\); it was left in place: rerun where there is the memory and access it needs$")
+  with pytest.raises(ConfigError, match=line):
+    loop.run(config.load(str(workdir / "config.yaml"), ["train.steps=14"]), workdir)
+  with pytest.raises(ConfigError, match=line):
+    Sampler.from_workdir(workdir)
+  assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [6, 12]
+  assert not (workdir / "checkpoints_unreadable").exists()
+  assert (workdir / "metrics.jsonl").read_text() == metrics_before
+
 def test_incompatible_config_fails_before_loading_and_safe_changes_are_reported(straight, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(straight, workdir)

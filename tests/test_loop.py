@@ -39,7 +39,7 @@ def test_an_empty_workdir_or_init_from_is_refused(tmp_path):
     loop.run(config.load("configs/tiny.yaml"), tmp_path / "run", init_from="")
 
 
-def test_a_tokenizer_an_earlier_attempt_trained_is_reused_only_with_the_same_settings(tmp_path):
+def test_a_tokenizer_an_earlier_attempt_trained_is_reused_only_with_the_same_settings(tmp_path, tokenizer):
   docs = [data.TextFiles(data.stdlib_files())[i] for i in range(0, 600, 7)]
   cfg = config.load("configs/tiny.yaml", ["tokenizer.vocab_size=400", "tokenizer.train_sentences=20000"])
   first = loop.tokenizer_for(cfg, tmp_path, docs)  # trained into the work directory
@@ -48,6 +48,9 @@ def test_a_tokenizer_an_earlier_attempt_trained_is_reused_only_with_the_same_set
   with pytest.raises(ConfigError, match=f"^{tmp_path / 'tokenizer.model'} was trained as a bpe tokenizer of 400 pieces, not with "
                                         "tokenizer.model_type=bpe tokenizer.vocab_size=500; delete it to train another, or use a new --workdir$"):
     loop.tokenizer_for(cfg, tmp_path, docs)
+  cfg.tokenizer.path = str(tokenizer.path)  # then given one: the run's copy is of that one
+  assert loop.tokenizer_for(cfg, tmp_path, docs).path == tokenizer.path
+  assert (tmp_path / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
 
 
 def test_a_resumed_runs_progress_bar_counts_from_its_start(tmp_path, monkeypatch):
@@ -93,7 +96,7 @@ def test_nan_loss_stops_with_one_line_naming_the_step(tmp_path):
                     "checkpoint.every=1", "checkpoint.keep=100")
   assert out.returncode == 1
   last = out.stderr.strip().splitlines()[-1]
-  match = re.fullmatch(r"error: loss became (nan|inf|-inf) at step (\d+); training stopped, nothing more was saved", last)
+  match = re.fullmatch(r"error: (?:loss|gradient norm) became (nan|inf|-inf) at step (\d+); training stopped, nothing more was saved", last)
   assert match, last
   bad = int(match.group(2))
   logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -130,6 +133,21 @@ def test_infinite_gradients_with_a_finite_loss_stop_before_a_save(tmp_path, toke
   with pytest.raises(loop.TrainingError, match=r"^gradient norm became inf at step 3; training stopped, nothing more was saved$"):
     loop.run(cfg, tmp_path / "run")
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+
+def test_resuming_with_less_retention_is_refused_before_a_kept_checkpoint_is_deleted(tmp_path, tokenizer):
+  """Orbax applies the resumed run's retention to every checkpoint at its first save."""
+  run = lambda steps, keep_every: loop.run(config.load("configs/tiny.yaml", tiny_overrides(**{
+      "tokenizer.path": tokenizer.path, "train.steps": steps, "train.warmup_steps": 1, "checkpoint.every": 1,
+      "checkpoint.keep": 1, "checkpoint.keep_every": keep_every})), tmp_path / "run")
+  saved = lambda: sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  run(4, 2)
+  assert saved() == [2, 4]
+  with pytest.raises(ConfigError, match=r"checkpoint.keep_every 2 -> 0 would delete steps \[2, 4\], kept for ever until now; "
+                                        r"resume with checkpoint.keep_every=2 \(or a divisor of it\)"):
+    run(6, 0)
+  assert saved() == [2, 4]
+  run(6, 1)  # a divisor keeps them all
+  assert saved() == [2, 4, 5, 6]
 
 @pytest.mark.slow
 def test_a_second_notice_while_the_last_save_is_written_does_not_lose_it(tmp_path):

@@ -388,15 +388,22 @@ def test_a_run_keeps_a_copy_of_the_tokenizer_it_was_given(one_step_run, tmp_path
   assert Sampler.from_workdir(run).tokenizer.path == run / "tokenizer.model"
   convert.to_hf(run, tmp_path / "hf")
   assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == kept
-  given.rename(tmp_path / "moved.model")
-  assert Sampler.from_workdir(run).generate(["def"], max_new_tokens=2)[0].finish_reason in ("length", "stop")
   resumed = run_trainer(run, "train.steps=2", f"tokenizer.path={given}")  # the same command, later
   assert resumed.returncode == 0, resumed.stderr
+  assert f"it goes on with its copy, {run / 'tokenizer.model'}" in resumed.stdout
+  given.write_bytes(kept)
+  given.rename(tmp_path / "moved.model")
+  assert Sampler.from_workdir(run).generate(["def"], max_new_tokens=2)[0].finish_reason in ("length", "stop")
+  assert run_trainer(run, "train.steps=3", f"tokenizer.path={given}").returncode == 0  # gone: the copy again
+  resumed = run_trainer(run, "train.steps=4", f"tokenizer.path={tmp_path / 'moved.model'}")  # where it went
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"tokenizer.path: '{given}' -> '{tmp_path / 'moved.model'}'" in resumed.stdout
+  (tmp_path / "moved.model").unlink()
   (run / "tokenizer.model").unlink()
-  with pytest.raises(ConfigError, match=f"^the tokenizer {run} was trained with, {given}, is gone and {run / 'tokenizer.model'} does not exist; put one of them back$"):
-    Sampler.from_workdir(run, step=1)
+  with pytest.raises(ConfigError, match=f"^the tokenizer {run} was trained with, {tmp_path / 'moved.model'}, is gone and {run / 'tokenizer.model'} does not exist; put one of them back$"):
+    Sampler.from_workdir(run)
   with pytest.raises(ConfigError, match=f"^the tokenizer {run} was trained with, {run / 'tokenizer.model'}, does not exist; put it back$"):
-    Sampler.from_workdir(run)  # step 2 was trained with the copy
+    Sampler.from_workdir(run, step=3)  # steps 2 and 3 were trained with the copy
 
 
 def sample_cli(*args):
