@@ -15,5 +15,5 @@ def entry_command(parser: argparse.ArgumentParser, remainder: list[str]) -> list
   return command
 
 
-def python_module(command: list[str]) -> list[str]:
-  return ["python3", "-m", ENTRY_POINTS[command[0]], *command[1:]]
+def python_module(command: list[str], python: str = "python3") -> list[str]:
+  return [python, "-m", ENTRY_POINTS[command[0]], *command[1:]]

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
   port = args.port or free_port()
   procs = []
   for p in range(args.processes):
-    proc = subprocess.Popen([sys.executable, *python_module(command)[1:]], text=True,
+    proc = subprocess.Popen(python_module(command, sys.executable), text=True,
                             env=child_env(p, args.processes, args.devices_per_process, port),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(proc)

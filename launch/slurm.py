@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def batch_script(nodes: int, gpus: int, per: str, command: list[str], job_name: str, time_limit: str) -> str:
   tasks = gpus if per == "gpu" else 1
-  run = shlex.join(python_module(command))
+  run = shlex.join(python_module(command, sys.executable))  # the launcher's, on the shared file system
   return "\n".join([
       "#!/bin/bash",
       f"#SBATCH --job-name={shlex.quote(job_name)}",
@@ -56,7 +56,7 @@ def all_gpus(gpus: int) -> str:
 def ranks(nodes: int, gpus: int, per: str, command: list[str]) -> list[str]:
   """What each rank would run, with the variables JAX reads."""
   tasks = gpus if per == "gpu" else 1
-  run = shlex.join(python_module(command))
+  run = shlex.join(python_module(command, sys.executable))  # the launcher's, on the shared file system
   take_all = f" JAX_LOCAL_DEVICE_IDS={all_gpus(gpus)}" if per == "node" else ""
   lines = []
   for rank in range(nodes * tasks):

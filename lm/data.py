@@ -21,7 +21,7 @@ import grain.experimental as gx
 import numpy as np
 
 from lm.config import ConfigError, DataConfig
-from lm.formats import INDEX_SUFFIXES, CompressedJsonLines, Parquet, record_text
+from lm.formats import INDEX_MARK, CompressedJsonLines, Parquet, record_text
 from lm.packing import PackedRows, WindowShuffle
 from lm.token_cache import TokenCache
 from lm.tokenizer import Tokenizer
@@ -131,16 +131,17 @@ def stdlib_files() -> list[str]:
 
 
 def _match(pattern: str, spec: str) -> list[str]:
+  pattern = os.path.expanduser(pattern)
   if os.path.isdir(pattern):
     pattern = os.path.join(pattern, "**", "*")
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not paths:
     raise ConfigError(f"data source '{spec}' matched no files")
   return paths
 
 
 def _jsonl(spec: str, paths: list[str], text_field: str) -> Any:
-  paths = [p for p in paths if not p.endswith(INDEX_SUFFIXES)]  # when a glob or directory also matches our indexes
+  paths = [p for p in paths if INDEX_MARK not in os.path.basename(p)]  # when a glob or directory also matches our indexes
   compressed = [p.endswith((".gz", ".zst")) for p in paths]
   if any(compressed) and not all(compressed):
     raise ConfigError(f"data source '{spec}' matches both compressed and plain files; name one kind (or use data.mixture)")
@@ -181,7 +182,7 @@ def documents(spec: str, text_field: str = "text") -> Any:
 
 def split(cfg: DataConfig) -> tuple[Any, Any | None]:
   """(train, validation) documents; validation is None when nothing is held out. In a mixture each
-  source holds out its own documents, and validation mixes them with the same weights."""
+  source holds out its own documents, and validation reads them all (`held_out_batches`)."""
   if cfg.mixture:
     pairs = [_split_source(spec, cfg) for spec in cfg.mixture]
     weights = list(cfg.mixture.values())
@@ -190,6 +191,13 @@ def split(cfg: DataConfig) -> tuple[Any, Any | None]:
   if cfg.val_source:
     return documents(cfg.source, cfg.text_field), documents(cfg.val_source, cfg.text_field)
   return _split_source(cfg.source, cfg)
+
+
+def document_counts(train: Any, validation: Any | None) -> dict[str, list[int]]:
+  """The documents of each source that training and validation read: the split, and a saved data
+  position, hold for these only."""
+  count = lambda docs: [] if docs is None else [len(p) for p in docs.parts] if isinstance(docs, Mixture) else [len(docs)]
+  return {"train": count(train), "validation": count(validation)}
 
 
 def _split_source(spec: str, cfg: DataConfig) -> tuple[Any, Any | None]:
@@ -286,8 +294,9 @@ def held_out_batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_ba
   """Up to `limit` global batches (rows `rows` of each) of the held-out documents, read once in one
   seeded order and packed into consecutive rows; the last batch is filled with empty rows (segment 0,
   outside the loss). Training's stream per row would repeat a held-out set smaller than the batch, and
-  weigh its documents unevenly."""
-  ordered = grain.MapDataset.source(docs).shuffle(SPLIT_SEED).map(_Tokenize(tokenizer)).filter(_Something())
+  weigh its documents unevenly. A mixture's sources are read whole: a mix ends with its scarcest source."""
+  parts = docs.parts if isinstance(docs, Mixture) else [docs]
+  ordered = grain.MapDataset.concatenate([grain.MapDataset.source(p) for p in parts]).shuffle(SPLIT_SEED).map(_Tokenize(tokenizer)).filter(_Something())
   packed = gx.ConcatThenSplitIterDataset(ordered.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
                                          length_struct={"inputs": seq_len, "targets": seq_len}).map(_Rename())
   rows_read = list(itertools.islice(packed, limit * global_batch))

@@ -20,12 +20,13 @@ from lm.config import ConfigError
 
 BLOCK_BYTES = 1 << 20  # lines are recompressed in independent zstd blocks of about this many bytes
 INDEX_SUFFIXES = (".lmindex.npz", ".lmindex.zst")  # the files written beside each compressed one
+INDEX_MARK = ".lmindex."  # in their names, and in their temporary ones
 
 
 def record_text(line: bytes, where: str, field: str) -> str:
   """The `field` of one JSON Lines record; `where` is FILE:LINE for the one-line error."""
   try:
-    record = json.loads(line)
+    record = json.loads(line.decode("utf-8", errors="replace"))  # as text files are read: bad bytes become U+FFFD
   except json.JSONDecodeError as e:
     raise ConfigError(f"{where}: malformed JSON ({e.msg})") from None
   if not isinstance(record, dict) or not isinstance(record.get(field), str):
@@ -85,31 +86,34 @@ def _build_index(path: str, blocks_path: Path, index_path: Path) -> None:
   starts, ends, linenos, pending = [], [], [], []
   block_offsets, block_starts = [0], [0]  # in the blocks file; in the decompressed lines
   tmp_blocks, tmp_index = (Path(f"{p}.tmp{os.getpid()}") for p in (blocks_path, index_path))
-  with _decompressed(path) as lines, open(tmp_blocks, "wb") as out:
-    try:
-      for lineno, line in enumerate(lines, 1):
-        if line.strip():
-          starts.append(ends[-1] if ends else 0)
-          ends.append(starts[-1] + len(line))
-          linenos.append(lineno)
-          pending.append(line)
-        if pending and (ends[-1] - block_starts[-1] >= BLOCK_BYTES):
-          block_offsets.append(block_offsets[-1] + out.write(compressor.compress(b"".join(pending))))
-          block_starts.append(ends[-1])
-          pending = []
-    except (OSError, EOFError, zstandard.ZstdError) as e:
-      tmp_blocks.unlink()
-      raise ConfigError(f"{path}: cannot decompress ({' '.join(str(e).split())[:120]})") from None
-    if pending:
-      block_offsets.append(block_offsets[-1] + out.write(compressor.compress(b"".join(pending))))
-      block_starts.append(ends[-1])
-  stat = os.stat(path)
-  arrays = {"starts": starts, "ends": ends, "linenos": linenos, "block_offsets": block_offsets,
-            "block_starts": block_starts, "source": [stat.st_size, stat.st_mtime_ns]}
-  with open(tmp_index, "wb") as f:
-    np.savez(f, **{k: np.asarray(v, np.int64) for k, v in arrays.items()})
-  tmp_blocks.rename(blocks_path)
-  tmp_index.rename(index_path)
+  try:
+    with _decompressed(path) as lines, open(tmp_blocks, "wb") as out:
+      try:
+        for lineno, line in enumerate(lines, 1):
+          if line.strip():
+            starts.append(ends[-1] if ends else 0)
+            ends.append(starts[-1] + len(line))
+            linenos.append(lineno)
+            pending.append(line)
+          if pending and (ends[-1] - block_starts[-1] >= BLOCK_BYTES):
+            block_offsets.append(block_offsets[-1] + out.write(compressor.compress(b"".join(pending))))
+            block_starts.append(ends[-1])
+            pending = []
+      except (OSError, EOFError, zstandard.ZstdError) as e:
+        raise ConfigError(f"{path}: cannot decompress ({' '.join(str(e).split())[:120]})") from None
+      if pending:
+        block_offsets.append(block_offsets[-1] + out.write(compressor.compress(b"".join(pending))))
+        block_starts.append(ends[-1])
+    stat = os.stat(path)
+    arrays = {"starts": starts, "ends": ends, "linenos": linenos, "block_offsets": block_offsets,
+              "block_starts": block_starts, "source": [stat.st_size, stat.st_mtime_ns]}
+    with open(tmp_index, "wb") as f:
+      np.savez(f, **{k: np.asarray(v, np.int64) for k, v in arrays.items()})
+    tmp_blocks.rename(blocks_path)
+    tmp_index.rename(index_path)
+  finally:  # an error, or Ctrl-C in a build of minutes, leaves no half-written copy beside the data
+    tmp_blocks.unlink(missing_ok=True)
+    tmp_index.unlink(missing_ok=True)
 
 
 class CompressedJsonLines:
@@ -127,8 +131,9 @@ class CompressedJsonLines:
       if not fresh:
         try:
           _build_index(path, blocks_path, index_path)
-        except PermissionError:
-          raise ConfigError(f"{path}: cannot write its index beside it ({index_path}); copy the data somewhere writable") from None
+        except OSError as e:  # not writable: permissions, a read-only mount, a full disk
+          raise ConfigError(f"{path}: cannot write its index beside it ({index_path}: {e.strerror or e}); "
+                            f"copy the data somewhere writable") from None
       index = dict(np.load(index_path))
       self.files.append(index)
       self.counts.append(self.counts[-1] + len(index["starts"]))

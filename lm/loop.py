@@ -265,6 +265,7 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
 
   steps = Steps(cfg, mesh)
   meta["rows"] = sharding.process_rows(steps.batch_sharding, t.batch_size)
+  meta["documents"] = data.document_counts(train_docs, val_docs)
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
   window = data.shuffle_window(cfg.data, t.batch_size, t.seq_len)
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=window, workers=cfg.data.workers, **stream))

@@ -56,6 +56,11 @@ def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], wo
     raise ConfigError(f"{where}: {'; '.join(unsafe)} differ from its checkpoint; use a new --workdir (or --init-from {workdir})")
   if saved["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
     raise ConfigError(f"{where}: tokenizer {meta['tokenizer']['path']} is not the one it was trained with ({saved['tokenizer']['path']})")
+  if (then := saved.get("documents", meta["documents"])) != meta["documents"]:
+    changed = "; ".join(f"{part} {then[part]} then, {meta['documents'][part]} now" for part in then if then[part] != meta["documents"][part])
+    raise ConfigError(f"{where}: its data sources hold other documents now (documents per source: {changed}), so neither the "
+                      f"held-out split nor the data position would continue; restore the data it was trained on, or use a new "
+                      f"--workdir (or --init-from {workdir})")
   if saved["process_count"] != meta["process_count"]:
     raise ConfigError(f"{where}: it was saved by {saved['process_count']} processes, this run has {meta['process_count']}")
   if moved := [f"process {p}: rows {a}-{b - 1} then, {meta['rows'][p][0]}-{meta['rows'][p][1] - 1} now"

@@ -55,6 +55,18 @@ def test_source_errors_name_the_problem(tmp_path):
     data.open_source(f"arrayrecord:{bad}")
 
 
+def test_records_that_are_not_clean_utf8_are_read_as_text_files_are(tmp_path, tokenizer):
+  """Scraped JSON Lines: a Latin-1 byte reads as U+FFFD, as in a text file; a lone surrogate escape
+  (valid JSON, not UTF-8) as '?'. Both tokenize and train, no traceback."""
+  path = tmp_path / "scraped.jsonl"
+  path.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "half an emoji \\ud83d here"}\n')
+  source = data.open_source(f"jsonl:{path}")
+  assert [source[0], source[1]] == ["caf\ufffd au lait", "half an emoji \ud83d here"]
+  assert tokenizer.decode(tokenizer.encode(source[1])) == "half an emoji ? here"
+  rows = next(iter(data.batches(source, tokenizer, seq_len=16, global_batch=2, seed=0)))
+  assert (rows["segment_ids"] != 0).sum() > 0
+
+
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
   texts = write_docs(tmp_path / "txt", 40)
   cfg = DataConfig(source=str(tmp_path / "txt"), val_fraction=0.1)
@@ -248,6 +260,57 @@ def test_parquet_gzip_and_zstd_sources_round_trip_and_name_bad_rows(tmp_path, mo
     data.open_source(f"jsonl:{tmp_path}/cut.jsonl.gz", text_field="body")
 
 
+def test_an_index_build_cut_short_leaves_nothing_beside_the_data(tmp_path, monkeypatch):
+  """Ctrl-C while a compressed file's index is built (minutes, on a large file) leaves no temporary
+  file that `jsonl:DIR` would take for data; a read-only mount is one line; `~` names a home directory."""
+  import errno
+
+  from lm import formats
+  texts = write_docs(tmp_path / "txt", 30)
+  write_corpus_formats(tmp_path / "corpus", texts)
+  (tmp_path / "corpus" / "docs.parquet").unlink()
+  (tmp_path / "corpus" / "docs.jsonl.gz").unlink()
+  decompressed = formats._decompressed
+  monkeypatch.setattr(formats, "_decompressed", lambda path: InterruptedLines(decompressed(path)))
+  with pytest.raises(KeyboardInterrupt):
+    data.open_source(f"jsonl:{tmp_path / 'corpus'}", text_field="body")
+  assert sorted(p.name for p in (tmp_path / "corpus").iterdir()) == ["docs.jsonl.zst"]
+  monkeypatch.setattr(formats, "_decompressed", decompressed)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert len(data.open_source("jsonl:~/corpus", text_field="body")) == 30
+
+  def read_only(*args):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  (tmp_path / "corpus" / "docs.jsonl.zst.lmindex.npz").unlink()
+  monkeypatch.setattr(formats, "_build_index", read_only)
+  with pytest.raises(ConfigError, match=r"^\S*docs.jsonl.zst: cannot write its index beside it \(\S*docs.jsonl.zst.lmindex.npz: "
+                                        r"Read-only file system\); copy the data somewhere writable$"):
+    data.open_source(f"jsonl:{tmp_path / 'corpus'}", text_field="body")
+
+
+class InterruptedLines:
+  """A decompressed file's first line, then Ctrl-C."""
+
+  def __init__(self, lines):
+    self.lines, self.read = lines, 0
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.lines.close()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.read += 1
+    if self.read > 1:
+      raise KeyboardInterrupt
+    return next(self.lines)
+
+
 def prepare(*args):
   import subprocess
   import sys
@@ -379,6 +442,9 @@ def test_mixture_follows_its_weights_holds_out_per_source_and_resumes(tmp_path, 
   assert sum(d in b for d in first) + sum(d in a for d in first) == 2000
   held = [val.parts[i][j] for i in range(2) for j in range(len(val.parts[i]))]
   assert sum(d in a for d in held) == 4 and sum(d in b for d in held) == 2 and not set(held) & set(first)
+  evaluated = data.held_out_batches(val, tokenizer, seq_len=32, global_batch=4, rows=range(4), limit=100)
+  tokens = sum(int((batch["segment_ids"] != 0).sum()) for batch in evaluated)
+  assert tokens == sum(len(tokenizer.encode(d)) + 1 for d in held)  # every held-out document, once
 
   kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3)
   assert_resumes_exactly(lambda: iter(data.batches(train, tokenizer, **kw)), skip=6, take=3)

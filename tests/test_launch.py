@@ -97,10 +97,11 @@ def test_slurm_dry_run_gives_each_gpu_to_one_process(monkeypatch):
   out = launch("slurm", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", "--", "train", "--workdir", "/shared/run")
   assert out.returncode == 0, out.stderr
   assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4" in out.stdout
-  assert "srun --kill-on-bad-exit=1 python3 -m launch.train --workdir /shared/run &" in out.stdout
+  # the interpreter that launched it (its environment's packages), as the script's cd names this checkout
+  assert f"srun --kill-on-bad-exit=1 {sys.executable} -m launch.train --workdir /shared/run &" in out.stdout
   ranks = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
   assert len(ranks) == 8 and ranks[5].startswith("rank 5: node 1 SLURM_PROCID=5 SLURM_NTASKS=8 SLURM_LOCALID=1 ")
-  assert ranks[5].endswith(" python3 -m launch.train --workdir /shared/run")
+  assert ranks[5].endswith(f" {sys.executable} -m launch.train --workdir /shared/run")
   for node in (0, 1):
     assert [gpus_jax_takes(line, monkeypatch) for line in ranks[4 * node:4 * node + 4]] == [[0], [1], [2], [3]]
   per_node = launch("slurm", "--nodes", "2", "--gpus-per-node", "4", "--process-per", "node", "--dry-run", "--", "sample",

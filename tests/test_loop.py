@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -134,6 +135,7 @@ def test_infinite_gradients_with_a_finite_loss_stop_before_a_save(tmp_path, toke
     loop.run(cfg, tmp_path / "run")
   assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
 
+
 def test_resuming_with_less_retention_is_refused_before_a_kept_checkpoint_is_deleted(tmp_path, tokenizer):
   """Orbax applies the resumed run's retention to every checkpoint at its first save."""
   run = lambda steps, keep_every: loop.run(config.load("configs/tiny.yaml", tiny_overrides(**{
@@ -148,6 +150,23 @@ def test_resuming_with_less_retention_is_refused_before_a_kept_checkpoint_is_del
   assert saved() == [2, 4]
   run(6, 1)  # a divisor keeps them all
   assert saved() == [2, 4, 5, 6]
+
+def test_resuming_over_data_that_gained_a_document_is_refused(tmp_path, tokenizer):
+  """A file more under data.source moves the held-out split and the saved data position."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i, path in enumerate(data.stdlib_files()[:40]):
+    (corpus / f"{i}.py").write_text(Path(path).read_text(encoding="utf-8", errors="replace"))
+  run = lambda steps: loop.run(config.load("configs/tiny.yaml", tiny_overrides(**{
+      "tokenizer.path": tokenizer.path, "data.source": str(corpus), "data.val_fraction": 0.05, "train.steps": steps,
+      "train.warmup_steps": 1, "checkpoint.every": 1, "eval.steps": 1})), tmp_path / "run")
+  run(2)
+  (corpus / "40.py").write_text("print('one more')\n")
+  with pytest.raises(ConfigError, match=r"from step 2: its data sources hold other documents now \(documents per source: "
+                                        r"train \[38\] then, \[39\] now\)"):
+    run(3)
+  (corpus / "40.py").unlink()
+  assert int(run(3).step) == 3
 
 @pytest.mark.slow
 def test_a_second_notice_while_the_last_save_is_written_does_not_lose_it(tmp_path):

@@ -184,6 +184,13 @@ def test_flops_per_token_is_six_per_matmul_weight_plus_attention_and_xla_agrees(
   assert 1.0 <= cost["flops"] / (flops_per_token(one_layer.model, S) * 4 * S) < 1.05
 
 
+def test_peak_flops_of_a_device_kind_is_its_parts_not_a_longer_names():
+  from lm.flops import device_peak
+  assert device_peak("NVIDIA H100 80GB HBM3") == device_peak("NVIDIA H200") == 989e12  # SXM
+  assert device_peak("NVIDIA H100 NVL") == device_peak("NVIDIA H200 NVL") == 835e12  # the same die at lower power
+  assert device_peak("NVIDIA H100 PCIe") == 756e12
+  assert device_peak("NVIDIA A10G") is None and device_peak("NVIDIA A100-SXM4-80GB") == 312e12
+
 def test_learning_rate_schedule_values_against_its_formula():
   from lm.train import schedule
 
