@@ -2,7 +2,8 @@
 python -m launch.prepare --out DIR [--config YAML] data.source=... [tokenizer.path=...] [key=value ...]
 
 Rerunning the same command resumes an interrupted one. Without tokenizer.path, a tokenizer is
-trained on the source first (as lm-train would) and kept in OUT.
+trained first on the documents that training from the cache reads, not those it holds out (as
+lm-train trains its own), and kept in OUT.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     elif (out / "tokenizer.model").exists():  # trained by an earlier attempt
       tokenizer = Tokenizer(out / "tokenizer.model")
       check_trained_as(tokenizer, cfg.tokenizer, "--out")
-    else:
-      tokenizer = train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, out / "tokenizer.model")
+    else:  # on the documents that training from the cache does not hold out, as lm-train's own
+      train_docs, _ = data.split_documents(docs, cfg.data.val_fraction, cfg.data.source)
+      tokenizer = train_tokenizer((train_docs[i] for i in range(len(train_docs))), cfg.tokenizer, out / "tokenizer.model")
     index = token_cache.prepare(docs, cfg.data.source, tokenizer, args.out, workers=args.workers,
                                 shard_docs=args.shard_docs, progress=not args.quiet)
   except ConfigError as e:

@@ -206,14 +206,20 @@ def _split_source(spec: str, cfg: DataConfig) -> tuple[Any, Any | None]:
     text = source[0]
     cut = int(len(text) * (1 - cfg.val_fraction))
     return chunks(text[:cut]), (chunks(text[cut:]) if cut < len(text) else None)
-  held = round(len(source) * cfg.val_fraction)
-  if cfg.val_fraction > 0 and held == 0:
+  return split_documents(source, cfg.val_fraction, spec)
+
+
+def split_documents(docs: Any, val_fraction: float, spec: str) -> tuple[Subset, Subset | None]:
+  """(train, validation): a seeded `val_fraction` of the documents (at least one) held out; a token
+  cache of them holds out the same ones."""
+  held = round(len(docs) * val_fraction)
+  if val_fraction > 0 and held == 0:
     held = 1
-  if held >= len(source):
-    raise ConfigError(f"data.val_fraction={cfg.val_fraction} holds out all {len(source)} documents of '{spec}'")
-  order = np.random.default_rng(SPLIT_SEED).permutation(len(source))
-  val = Subset(source, sorted(order[:held])) if held else None
-  return Subset(source, sorted(order[held:])), val
+  if held >= len(docs):
+    raise ConfigError(f"data.val_fraction={val_fraction} holds out all {len(docs)} documents of '{spec}'")
+  order = np.random.default_rng(SPLIT_SEED).permutation(len(docs))
+  val = Subset(docs, sorted(order[:held])) if held else None
+  return Subset(docs, sorted(order[held:])), val
 
 
 def _caches(cfg: DataConfig) -> list[TokenCache]:

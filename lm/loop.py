@@ -216,7 +216,11 @@ def start_state(steps: Steps, ckpts: Checkpoints, source: tuple[Checkpoints, int
                 say: Callable[[str], None]) -> TrainState:
   """This run's newest readable checkpoint, else the --init-from run's parameters, else a fresh init."""
   abstract = steps.abstract_state()
+  had_checkpoints = bool(ckpts.steps())
   state = resume.restore_newest(ckpts, cfg, meta, workdir, abstract, data_iter, say)
+  if state is None and had_checkpoints and init_from:  # its own, all unreadable: not a start from random weights
+    raise ConfigError(f"every checkpoint in {workdir} was unreadable and is set aside in checkpoints_unreadable/; "
+                      f"rerun the same command to start from --init-from {init_from}")
   if state is None and source is not None:
     other, step, _ = source
     state = steps.state_from_params(other.restore_params(step, abstract.params))

@@ -198,6 +198,16 @@ def test_init_from_takes_parameters_only(straight, tmp_path):
   out = run_trainer(workdir, "train.steps=2", init_from=str(straight))
   assert out.returncode == 0, out.stderr
   assert f"--init-from {straight} is not used: {workdir} has checkpoints of its own, so it resumes from them" in out.stdout
+  for step in (1, 2):  # its own all unreadable: neither random weights nor a silent switch to --init-from
+    for data_file in (workdir / "checkpoints" / str(step) / "params").rglob("ocdbt.process_0/d/*"):
+      os.truncate(data_file, data_file.stat().st_size // 3)
+  out = run_trainer(workdir, "train.steps=2", init_from=str(straight))
+  assert out.returncode == 1
+  # (orbax's reads still in flight when one fails may print their tracebacks around it)
+  assert (f"error: every checkpoint in {workdir} was unreadable and is set aside in checkpoints_unreadable/; "
+          f"rerun the same command to start from --init-from {straight}") in out.stderr.splitlines()
+  out = run_trainer(workdir, "train.steps=2", init_from=str(straight))
+  assert out.returncode == 0 and f"initialized parameters from {straight} (step 12)" in out.stdout
   out = run_trainer(tmp_path / "other", "model.d_model=96", init_from=str(straight))
   assert out.returncode == 1 and "model.d_model: 64 -> 96" in out.stderr
   out = run_trainer(tmp_path / "other", init_from=f"{straight}:5")

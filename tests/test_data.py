@@ -395,6 +395,24 @@ def test_prepare_checks_its_directory_and_tokenizer_before_training_one(tmp_path
                                      "not with tokenizer.model_type=bpe tokenizer.vocab_size=1024; delete it to train another, or use a new --out\n")
 
 
+def test_prepare_trains_its_tokenizer_on_the_documents_training_will_read(tmp_path, tokenizer, monkeypatch):
+  """Not on those that training from the cache holds out, as lm-train trains its own."""
+  from launch import prepare
+  write_docs(tmp_path / "txt", 30)
+  seen = []
+
+  def train_tokenizer(docs, cfg, path):
+    seen.extend(docs)
+    path.parent.mkdir()
+    shutil.copyfile(tokenizer.path, path)
+    return type(tokenizer)(path)
+
+  monkeypatch.setattr(prepare, "train_tokenizer", train_tokenizer)
+  assert prepare.main(["--out", str(tmp_path / "cache"), "--quiet", "--workers", "1", f"data.source={tmp_path / 'txt'}",
+                       "data.val_fraction=0.1"]) == 0
+  train, val = data.split(DataConfig(source=str(tmp_path / "txt"), val_fraction=0.1))
+  assert seen == [train[i] for i in range(len(train))] and len(seen) == 27
+
 def test_workers_keep_a_resumable_order(tmp_path, tokenizer):
   from lm.checkpoint import _DataPosition
   write_docs(tmp_path / "txt", 30)
