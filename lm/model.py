@@ -118,11 +118,13 @@ def self_attention(cfg: ModelConfig, segment_ids_BxL: jax.Array) -> Attention:
       return lambda q, k, v: splash.attend(q, k, v, segment_ids_BxL)
     fallback(kind, f"sequence length {L} is not a multiple of 128" if L % splash.BLOCKS[-1] else
              "the mesh splits query heads, key/value heads or rows unevenly for it")
-  # cuDNN's flash attention runs on NVIDIA GPUs, with half-precision heads of at most 128 in multiples of 8.
+  # cuDNN's flash attention runs on NVIDIA GPUs, with half-precision heads of at most 128 in multiples
+  # of 8; its gradient, with a mask, takes even lengths only.
   if kind == "cudnn":
     why = (f"it runs on NVIDIA GPUs, not {platform()}" if platform() != "gpu" else
            f"it needs model.dtype=bfloat16, not {cfg.dtype}" if cfg.dtype != "bfloat16" else
-           f"head_dim {H} is not a multiple of 8 up to 128" if H % 8 or H > 128 else None)
+           f"head_dim {H} is not a multiple of 8 up to 128" if H % 8 or H > 128 else
+           f"sequence length {L} is odd" if L % 2 else None)
     if why is None:
       same_Bx1xLxL = same_document(segment_ids_BxL)[:, None]
       return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=same_Bx1xLxL, is_causal=True,

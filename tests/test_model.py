@@ -98,6 +98,16 @@ def test_a_kernel_that_cannot_apply_is_said_once_and_xla_attention_runs(capsys):
                    f"attention: cudnn does not apply (it runs on NVIDIA GPUs, not {jax.default_backend()}); using XLA attention"]
 
 
+def test_cudnn_is_not_asked_for_an_odd_length_its_gradient_refuses(capsys, monkeypatch):
+  """train.seq_len=255 on an NVIDIA GPU in bfloat16: XLA attention, not cuDNN's NotImplementedError at the first step."""
+  from lm import model
+  fallback.cache_clear()
+  monkeypatch.setattr(model, "platform", lambda: "gpu")
+  net = Transformer(small(attention="auto", dtype="bfloat16", max_seq_len=32, num_layers=1), nnx.Rngs(0))
+  assert "cudnn" not in str(jax.make_jaxpr(net)(jnp.zeros((2, 31), jnp.int32)))
+  assert capsys.readouterr().out == "attention: cudnn does not apply (sequence length 31 is odd); using XLA attention\n"
+
+
 def test_rope_matches_complex_rotation():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(1, 5, 2, 8)).astype(np.float32)
