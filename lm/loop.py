@@ -285,6 +285,9 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
     writer.say(f"--init-from {init_from} is not used: {workdir} has checkpoints of its own, so it resumes from them")
   if start >= t.steps:
     writer.say(f"nothing to train: the run is at step {start} and train.steps={t.steps}")
+  elif cfg.profile.steps and cfg.profile.start_step <= start:
+    writer.say(f"profile.start_step={cfg.profile.start_step} is not after step {start}, where this run resumes: "
+               f"nothing is traced (set a later step)")
   writer.begin(start)
   if lead:
     config.save(cfg, workdir / "config.yaml")  # only once the checkpoint accepted these settings

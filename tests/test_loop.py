@@ -168,6 +168,17 @@ def test_resuming_over_data_that_gained_a_document_is_refused(tmp_path, tokenize
   (corpus / "40.py").unlink()
   assert int(run(3).step) == 3
 
+
+def test_a_resumed_run_past_its_profile_steps_says_nothing_is_traced(tmp_path, tokenizer, capsys):
+  run = lambda steps: loop.run(config.load("configs/tiny.yaml", tiny_overrides(**{
+      "tokenizer.path": tokenizer.path, "train.steps": steps, "train.warmup_steps": 1, "profile.steps": 1,
+      "profile.start_step": 2})), tmp_path / "run")
+  run(2)
+  assert (tmp_path / "run" / "profile" / "process_0").is_dir()
+  capsys.readouterr()
+  run(3)
+  assert "profile.start_step=2 is not after step 2, where this run resumes: nothing is traced (set a later step)" in capsys.readouterr().out
+
 @pytest.mark.slow
 def test_a_second_notice_while_the_last_save_is_written_does_not_lose_it(tmp_path):
   """A preemption's second SIGTERM (or a second Ctrl-C) arriving as the last checkpoint is written:
