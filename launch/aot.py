@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)  # the sampler's table is still wanted: it does not depend on the batch
       reports = [{"rows": [], "fits": False}]
     if sample:
-      sample_cfg = sampling_config(cfg, mesh.devices.size // args.slices, any(o.startswith("mesh.") for o in args.overrides))
+      sample_cfg = sampling_config(cfg, mesh.devices.size // args.slices, args.overrides)
       reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample, args.quantize,
                                      args.kv_cache))
   except ConfigError as e:
@@ -199,14 +199,14 @@ def sample_shape(text: str) -> tuple[int, int, int]:
   return sizes
 
 
-def sampling_config(cfg: config.Config, chips: int, mesh_given: bool) -> config.Config:
+def sampling_config(cfg: config.Config, chips: int, overrides: list[str]) -> config.Config:
   """What lm-sample decodes with: the decode mesh of one slice's `chips` (the slices stacked along
-  data), unless mesh.* overrides name one."""
+  data), changed by the mesh.* overrides as lm-sample changes it."""
   from lm.sampler import decode_mesh
 
-  if mesh_given:
-    return cfg
-  return dataclasses.replace(cfg, mesh=dataclasses.replace(decode_mesh(cfg.model, chips), rules=cfg.mesh.rules))
+  sample_cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(decode_mesh(cfg.model, chips), rules=cfg.mesh.rules))
+  config.apply_overrides(sample_cfg, [o for o in overrides if o.startswith("mesh.")], only=("mesh.",))
+  return sample_cfg
 
 
 def topology_mesh(cfg: config.Config, family: str, dims: tuple[int, ...], slices: int):
