@@ -71,3 +71,13 @@ def check_same_config(settings: dict[str, Any]) -> None:
     keys = [f"{k}: {theirs.get(k)!r} on process 0, {ours.get(k)!r} here" for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     raise ConfigError(f"process {mine} runs other settings than process 0: {'; '.join(keys)}")
   raise ConfigError(f"process(es) {odd} run other settings than process 0; their logs name the keys")
+
+
+def from_first(value: Any) -> Any:
+  """Process 0's `value` (anything JSON holds) on every process: what one host alone may see, such as
+  a file on its own disk."""
+  if jax.process_count() == 1:
+    return value
+  data = json.dumps(value).encode() if jax.process_index() == 0 else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+  return json.loads(bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(data.ljust(size), np.uint8))))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from lm import distributed
 from lm.config import ConfigError
 from lm.sampler import Completion
 
@@ -52,14 +53,24 @@ HEADER = b'{"settings": '
 
 
 def open_output(path: str | Path, settings: dict[str, Any], write: bool = True) -> tuple[TextIO | None, set[tuple[int, int]]]:
-  """The output file, opened for appending (when `write`), and the (index, sample) pairs it holds."""
-  try:
-    return _open_output(Path(path), settings, write)
-  except OSError as e:
-    raise ConfigError(f"--output '{path}' cannot be written: {e.strerror or e}") from None
+  """The output file, opened for appending by the process that writes it (`write`), and the (index,
+  sample) pairs it holds. With several processes that one is process 0: it reads the file and tells
+  the others what is done (or what is wrong), since a host may have a disk, and a file, of its own."""
+  out, done, error = None, set(), None
+  if write:
+    try:
+      out, done = _open_output(Path(path), settings)
+    except OSError as e:
+      error = f"--output '{path}' cannot be written: {e.strerror or e}"
+    except ConfigError as e:
+      error = str(e)
+  error, pairs = distributed.from_first([error, sorted(done)])
+  if error:
+    raise ConfigError(error)
+  return out, {(index, sample) for index, sample in pairs}
 
 
-def _open_output(path: Path, settings: dict[str, Any], write: bool) -> tuple[TextIO | None, set[tuple[int, int]]]:
+def _open_output(path: Path, settings: dict[str, Any]) -> tuple[TextIO, set[tuple[int, int]]]:
   raw = path.read_bytes() if path.exists() else b""
   complete = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a killed run is dropped
   lines = complete.decode(errors="replace").splitlines()  # not UTF-8: not ours, refused below
@@ -77,8 +88,6 @@ def _open_output(path: Path, settings: dict[str, Any], write: bool) -> tuple[Tex
       changed = "; ".join(f"{k}: {written.get(k)!r} then, {settings.get(k)!r} now"
                           for k in sorted(written.keys() | settings.keys()) if written.get(k) != settings.get(k))
       raise ConfigError(f"--output '{path}' was written with other settings ({changed}); rerun with those or choose a new path")
-  if not write:
-    return None, done
   if len(complete) != len(raw):
     with path.open("r+b") as f:
       f.truncate(len(complete))

@@ -72,6 +72,33 @@ def test_two_processes_sample_what_one_process_samples(single, tmp_path):
   assert sorted((r["index"], r["token_ids"]) for r in rows) == [(i, c.token_ids) for i, c in enumerate(want)]
 
 
+OPEN_OUTPUT = """
+import json, sys
+import jax
+from lm import distributed, jobs
+from lm.config import ConfigError
+distributed.initialize()
+path = sys.argv[1] + f"/out{jax.process_index()}.jsonl"  # a file of each host's own
+try:
+  out, done = jobs.open_output(path, {"seed": int(sys.argv[2])}, write=jax.process_index() == 0)
+  print(json.dumps(sorted(done)))
+except ConfigError as e:
+  print(e)
+"""
+
+
+def test_every_process_resumes_a_job_from_what_process_0_sees_in_its_output(tmp_path):
+  """On a slice whose hosts each see a file of their own (a relative --output on a TPU VM's disk),
+  process 0's file decides: both skip its finished pairs, and its other settings stop both."""
+  (tmp_path / "out0.jsonl").write_text('{"settings": {"seed": 1}}\n{"index": 3}\n{"index": 0, "sample": 1}\n')
+  for seed, want in ((1, "[[0, 1], [3, 0]]"), (2, f"--output '{tmp_path / 'out0.jsonl'}' was written with other settings "
+                                                  "(seed: 1 then, 2 now); rerun with those or choose a new path")):
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_OUTPUT, str(tmp_path), str(seed)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(p, 2, 1, port)) for p in (0, 1)]
+    assert [proc.communicate(timeout=120)[0].strip().splitlines()[-1] for proc in procs] == [want, want]
+  assert not (tmp_path / "out1.jsonl").exists()
+
 def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
   workdir = tmp_path / "run"
   proc = cluster(workdir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
