@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from lm.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="lm-sample", description=__doc__)
+  parser = argparse.ArgumentParser(prog="lm-sample", description=__doc__, allow_abbrev=False)
   parser.add_argument("--workdir", required=True, help="a training run's work directory")
   parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
   source = parser.add_mutually_exclusive_group(required=True)
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = jax.process_index() == 0  # every process samples its share; one writes
     out = sys.stdout if writer else None
     if args.output:
-      settings = {"workdir": str(Path(args.workdir).absolute()), "step": sampler.step,
+      settings = {"workdir": str(sampler.workdir), "step": sampler.step,
                   "prompts": jobs.prompts_digest(prompts), "num_samples": args.num_samples,
                   "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
                   "top_p": args.top_p, "seed": args.seed, "stop_tokens": sorted(args.stop_token),
@@ -79,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
       if args.kv_cache:
         settings["kv_cache"] = args.kv_cache
       if sampler.speculation:  # sampled tokens depend on the proposer (greedy ones do not, but one rule is simpler)
-        settings["speculate"] = f"{args.draft or args.speculate}, {draft_tokens} tokens"
+        proposer = sampler.speculation.proposer
+        settings["speculate"] = (f"draft {proposer.draft.workdir} step {proposer.draft.step}" if args.draft else args.speculate) + \
+            f", {draft_tokens} tokens"
       out, done = jobs.open_output(args.output, settings, write=writer)
       requests = [r for r in requests if (r.index, r.sample) not in done]
     if writer:

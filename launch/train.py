@@ -10,7 +10,7 @@ from lm.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="lm-train", description=__doc__)
+  parser = argparse.ArgumentParser(prog="lm-train", description=__doc__, allow_abbrev=False)
   parser.add_argument("--config", default="configs/tiny.yaml", help="YAML preset")
   parser.add_argument("--workdir", required=True, help="where the run writes everything")
   parser.add_argument("--init-from", metavar="OTHER_WORKDIR[:STEP]",

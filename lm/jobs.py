@@ -28,8 +28,10 @@ def read_prompts(path: str) -> list[str]:
     text = file.read_text()
   except UnicodeDecodeError as e:
     raise ConfigError(f"--prompts file '{path}' is not UTF-8 text (byte {e.start})") from None
+  except OSError as e:
+    raise ConfigError(f"--prompts file '{path}' cannot be read: {e.strerror or e}") from None
   prompts = []
-  for lineno, line in enumerate(text.splitlines(), 1):
+  for lineno, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028, which splitlines() cuts at
     if not line.strip():
       continue
     try:

@@ -189,7 +189,8 @@ class Sampler:
     self.cache_sharding = kv_cache.entry_sharding(kv, mesh, self.rules)
     self.compiled: dict[tuple, Any] = {}
     self.timing = Timing()
-    self.step: int | None = None  # the checkpoint's, when restored from one
+    self.workdir: Path | None = None  # the run and checkpoint step, when restored from one
+    self.step: int | None = None
     self.tokenizer_digest: str | None = None  # the SHA-256 the checkpoint records for its tokenizer
 
   @classmethod
@@ -213,7 +214,7 @@ class Sampler:
     finally:
       ckpts.close()
     sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh, quantize, kv)
-    sampler.step, sampler.tokenizer_digest = step, meta["tokenizer"].get("sha256")
+    sampler.workdir, sampler.step, sampler.tokenizer_digest = workdir.absolute(), step, meta["tokenizer"].get("sha256")
     return sampler
 
   def encode(self, prompt: str) -> list[int]:

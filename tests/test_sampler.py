@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import weakref
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -291,7 +292,7 @@ def test_prefill_time_holds_no_compile(tokenizer, monkeypatch):
   assert stray == []
 
 
-def test_prompts_and_outputs_that_cannot_be_used_are_one_line(tmp_path):
+def test_prompts_and_outputs_that_cannot_be_used_are_one_line(tmp_path, monkeypatch):
   for path, why in ((tmp_path / "missing" / "out.jsonl", "No such file or directory"), (tmp_path, "Is a directory")):
     with pytest.raises(ConfigError, match=f"^--output '{path}' cannot be written: {why}$"):
       jobs.open_output(path, {"seed": 0})
@@ -313,6 +314,17 @@ def test_prompts_and_outputs_that_cannot_be_used_are_one_line(tmp_path):
     jobs.read_prompts(str(binary))
   with pytest.raises(ConfigError, match=f"^--prompts file '{tmp_path}' is a directory$"):
     jobs.read_prompts(str(tmp_path))
+  scraped = tmp_path / "scraped.jsonl"  # JSON may hold a line separator unescaped, as ensure_ascii=False writes it
+  scraped.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in ("one\u2028two", "three")))
+  assert jobs.read_prompts(str(scraped)) == ["one\u2028two", "three"]
+  with monkeypatch.context() as m:
+    m.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(ConfigError, match=f"^--prompts file '{scraped}' cannot be read: Permission denied$"):
+      jobs.read_prompts(str(scraped))
+  from launch import sample
+  with pytest.raises(SystemExit) as e:  # not taken for --output: launch.tpu_pod checks the flags it is given
+    sample.main(["--workdir", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o.jsonl")])
+  assert e.value.code == 2
 
 
 @pytest.mark.slow
@@ -521,15 +533,19 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_speculative_decoding(one_step_run):
+def test_cli_speculative_decoding(one_step_run, tmp_path):
   """--draft DIR:STEP with the run as its own draft keeps every guess and gives plain greedy's tokens;
+  an output file records which checkpoint drafted (a later one of the same run is another draft);
   a draft trained with another tokenizer and a round of no guesses are refused in one line."""
+  out = tmp_path / "out.jsonl"
   done = sample_cli("--workdir", str(one_step_run), "--prompt", "def f(x):", "--max-new-tokens", "9", "--temperature", "0",
-                    "--draft", f"{one_step_run}:1", "--draft-tokens", "3")
+                    "--draft", f"{one_step_run}:1", "--draft-tokens", "3", "--output", str(out))
   assert done.returncode == 0, done.stderr
   assert "(acceptance 100%, 4.00 tokens per target pass)" in done.stderr
+  header, row = [json.loads(line) for line in out.read_text().splitlines()]
+  assert header["settings"]["speculate"] == f"draft {one_step_run.absolute()} step 1, 3 tokens"
   target = Sampler.from_workdir(one_step_run)
-  assert json.loads(done.stdout)["token_ids"] == target.generate(["def f(x):"], max_new_tokens=9)[0].token_ids
+  assert row["token_ids"] == target.generate(["def f(x):"], max_new_tokens=9)[0].token_ids
   target.tokenizer_digest = "0" * 64
   with pytest.raises(ConfigError, match=f"^--draft '{one_step_run}' was trained with tokenizer SHA-256 [0-9a-f]{{12}}\\.\\.\\., the target with 000000000000\\.\\.\\.; a draft must share the target's tokenizer$"):
     speculative.load_draft(target, str(one_step_run))
