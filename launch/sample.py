@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
     prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
     sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides, quantize=args.quantize,
-                                   kv=args.kv_cache)
+                                   kv=args.kv_cache, sharing=[speculative.draft_model(args.draft)] if args.draft else [])
     if args.draft or args.speculate:
       proposer = speculative.load_draft(sampler, args.draft) if args.draft else speculative.Ngram()
       speculative.speculate(sampler, proposer, draft_tokens)

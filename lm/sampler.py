@@ -152,11 +152,12 @@ def window(need: int, S: int) -> int:
   return min(S, -(-need // quarter) * quarter)
 
 
-def decode_mesh(cfg: config.ModelConfig, devices: int) -> config.MeshConfig:
+def decode_mesh(cfg: config.ModelConfig, devices: int, *others: config.ModelConfig) -> config.MeshConfig:
   """Tensor-parallel over as many devices as the kv heads (and the other split axes) allow, the rest
-  data-parallel over slots: decoding then never gathers a weight."""
-  tensor = max(t for t in range(1, devices + 1)
-               if devices % t == 0 and all(n % t == 0 for n in (cfg.num_kv_heads, cfg.num_heads, cfg.d_ff, cfg.vocab_size)))
+  data-parallel over slots: decoding then never gathers a weight. `others`: models that share the
+  mesh (a speculative draft), whose axes it must split too."""
+  splits = [n for m in (cfg, *others) for n in (m.num_kv_heads, m.num_heads, m.d_ff, m.vocab_size)]
+  tensor = max(t for t in range(1, devices + 1) if devices % t == 0 and all(n % t == 0 for n in splits))
   return config.MeshConfig(data=devices // tensor, fsdp=1, tensor=tensor)
 
 
@@ -195,17 +196,18 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_cfg: config.MeshConfig | None = None,
-                   overrides: Sequence[str] = (), quantize: str | None = None, kv: str | None = None) -> "Sampler":
+                   overrides: Sequence[str] = (), quantize: str | None = None, kv: str | None = None,
+                   sharing: Sequence[config.ModelConfig] = ()) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
-    mesh it was trained on. The default mesh is `decode_mesh`; `mesh.*` overrides change it, and
-    `sample.*` ones the sampling settings."""
+    mesh it was trained on. The default mesh is `decode_mesh` (for the models `sharing` it too);
+    `mesh.*` overrides change it, and `sample.*` ones the sampling settings."""
     check_quantize(quantize)
     kv_cache.check(kv)
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
     per_slice = jax.device_count() // sharding.slices_of(jax.devices())  # make_mesh stacks the slices along data
-    cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, per_slice), rules=cfg.mesh.rules)
+    cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, per_slice, *sharing), rules=cfg.mesh.rules)
     config.apply_overrides(cfg, overrides, only=("mesh.", "sample."))
     tokenizer_path = run_tokenizer(workdir, step, meta)
     mesh = sharding.make_mesh(cfg.mesh)

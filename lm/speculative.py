@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm import sharding
+from lm import config, sharding
+from lm.checkpoint import open_run
 from lm.config import ConfigError
 from lm.sampler import MAX_STOP_TOKENS, Sampler, Timing, scaled_logits
 
@@ -226,11 +227,23 @@ def target_len(state) -> int:
   return state["cache"][0][0].shape[2]
 
 
+def draft_run(spec: str) -> tuple[Path, int | None]:
+  """`--draft DIR[:STEP]`."""
+  head, sep, tail = spec.rpartition(":")
+  return (Path(head), int(tail)) if sep and tail.isdigit() else (Path(spec), None)
+
+
+def draft_model(spec: str) -> config.ModelConfig:
+  """The draft's model, which the target's decode mesh must also split."""
+  ckpts, _, meta = open_run(*draft_run(spec))
+  ckpts.close()
+  return config.from_dict(meta["config"]).model
+
+
 def load_draft(target: Sampler, spec: str) -> Draft:
   """`--draft DIR[:STEP]`: a run restored onto the target's mesh, trained with the target's tokenizer."""
-  head, sep, tail = spec.rpartition(":")
-  workdir, step = (head, int(tail)) if sep and tail.isdigit() else (spec, None)
-  draft = Sampler.from_workdir(Path(workdir), step, mesh_cfg=target.cfg.mesh, kv=target.kv)
+  workdir, step = draft_run(spec)
+  draft = Sampler.from_workdir(workdir, step, mesh_cfg=target.cfg.mesh, kv=target.kv)
   if draft.tokenizer_digest != target.tokenizer_digest:
     raise ConfigError(f"--draft '{workdir}' was trained with tokenizer SHA-256 {str(draft.tokenizer_digest)[:12]}..., "
                       f"the target with {str(target.tokenizer_digest)[:12]}...; a draft must share the target's tokenizer")

@@ -545,7 +545,17 @@ def test_cli_speculative_decoding(one_step_run, tmp_path):
   header, row = [json.loads(line) for line in out.read_text().splitlines()]
   assert header["settings"]["speculate"] == f"draft {one_step_run.absolute()} step 1, 3 tokens"
   target = Sampler.from_workdir(one_step_run)
-  assert row["token_ids"] == target.generate(["def f(x):"], max_new_tokens=9)[0].token_ids
+  plain = target.generate(["def f(x):"], max_new_tokens=9)[0].token_ids
+  assert row["token_ids"] == plain
+  # a draft of one kv head: the default decode mesh splits no heads (it was sized for the target's two)
+  small = tmp_path / "small"
+  assert run_trainer(small, "train.steps=1", "model.num_heads=2", "model.num_kv_heads=1",
+                     f"tokenizer.path={one_step_run / 'tokenizer.model'}").returncode == 0
+  done = sample_cli("--workdir", str(one_step_run), "--prompt", "def f(x):", "--max-new-tokens", "9", "--temperature", "0",
+                    "--draft", str(small))
+  assert done.returncode == 0, done.stderr
+  assert "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1}" in done.stderr
+  assert json.loads(done.stdout)["token_ids"] == plain
   target.tokenizer_digest = "0" * 64
   with pytest.raises(ConfigError, match=f"^--draft '{one_step_run}' was trained with tokenizer SHA-256 [0-9a-f]{{12}}\\.\\.\\., the target with 000000000000\\.\\.\\.; a draft must share the target's tokenizer$"):
     speculative.load_draft(target, str(one_step_run))
