@@ -219,7 +219,8 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
     raise ConfigError(f"'{hf_dir}' is not a Hugging Face model directory: it has no config.json")
   _check_new(workdir, "work directory")
   try:
-    m = model_config(json.loads(where.read_text()), where)
+    hf = json.loads(where.read_text())
+    m = model_config(hf, where)
     config.from_dict({"model": dataclasses.asdict(m)})  # each value of the type and range our settings take
   except json.JSONDecodeError as e:
     raise ConfigError(f"{where} is not valid JSON ({e.msg} at line {e.lineno})") from None
@@ -230,6 +231,12 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
   tokenizer = Tokenizer(hf_dir / "tokenizer.model")
   if tokenizer.vocab_size > m.vocab_size:
     raise ConfigError(f"{tokenizer.path} has {tokenizer.vocab_size} pieces, more than {where}'s vocab_size={m.vocab_size}")
+  # Sequences start and stop at the tokenizer's ids: a model that ends with a token added beyond its
+  # pieces (a chat template's) would never stop.
+  for key, ours in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)):
+    if (theirs := hf.get(key)) is not None and ours not in (theirs if isinstance(theirs, list) else [theirs]):
+      raise ConfigError(f"{where}: {key}={json.dumps(theirs)} is not {tokenizer.path.name}'s ({ours}); we start and stop "
+                        f"sequences at the tokenizer's ids, so such a model is not supported")
   cfg = run_config(m, tokenizer)
   write_run(workdir, cfg, read_params(hf_dir, m), tokenizer.path)
   return cfg
@@ -269,6 +276,10 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
   _check_new(out, "output directory")
   ckpts, step, meta = open_run(workdir, step)
   cfg = config.from_dict(meta["config"])
+  if cfg.model.d_model % cfg.model.num_heads:
+    ckpts.close()
+    raise ConfigError(f"transformers' Llama needs a width that is a multiple of the heads, not model.d_model={cfg.model.d_model} "
+                      f"over model.num_heads={cfg.model.num_heads}; this run cannot be exported")
   _, abstract = abstract_model(cfg.model)
   # numpy targets restore as numpy arrays: no device memory, and no second host copy through jax.
   targets = jax.tree.map(lambda v: np.empty(v.shape, v.dtype), nnx.to_pure_dict(abstract))

@@ -212,6 +212,16 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys):
   assert "has no checkpoints/" in fails("--to-hf", "--workdir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"))
   assert f"output directory '{tmp_path / 'taken'}' already exists and is not an empty directory" in fails(
       "--to-hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "taken"))
+  (hf_dir / "config.json").write_text(json.dumps(hf_config(eos_token_id=[7, 9])))  # an added chat token ends it
+  assert f"{hf_dir / 'config.json'}: eos_token_id=[7, 9] is not tokenizer.model's ({tokenizer.eos_id}); we start and stop" in fails(
+      "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
+  odd = config.load(None, tiny_overrides(**{"model.vocab_size": 512, "model.num_heads": 5, "model.num_kv_heads": 5,
+                                            "model.head_dim": 16}))
+  write_run(tmp_path / "odd", odd, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.to_pure_dict(abstract_model(odd.model)[1])),
+            tokenizer.path)
+  assert "not model.d_model=64 over model.num_heads=5; this run cannot be exported" in fails(
+      "--to-hf", "--workdir", str(tmp_path / "odd"), "--out", str(tmp_path / "odd-hf"))
+  assert not (tmp_path / "odd-hf").exists()
   (hf_dir / "config.json").write_text(json.dumps(hf_config(vocab_size=500)))
   assert f"has 512 pieces, more than {hf_dir / 'config.json'}'s vocab_size=500" in fails(
       "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
