@@ -83,7 +83,7 @@ def check(command: list[str], run_name: str) -> str | None:
   for path in written_paths(command):
     if not Path(path).is_absolute() and Path(path).parts[:1] != ("runs",):
       return (f"'{path}' would be inside each worker's ~/{REMOTE_DIR}, which every launch replaces (only its runs/ is kept): "
-              f"write under runs/, or to an absolute path on storage every worker sees")
+              f"write under runs/ (a slice of one host), or to an absolute path on storage every worker sees")
   return None
 
 
