@@ -232,6 +232,11 @@ def memory_rows(compiled, hbm: int) -> tuple[list[tuple[str, str]], bool, int]:
           ("total per chip", f"{size(total)} of {size(hbm)} HBM: {'fits' if fits else 'DOES NOT FIT'}")], fits, total
 
 
+def count(x: float, large: str, small: str, unit: float = 1e9) -> str:
+  """In `unit`s (B, TFLOP) from a tenth of one, else in thousandths of them (M, GFLOP): a tiny model's are not 0.00."""
+  return f"{x / unit:.2f}{large}" if x >= unit / 10 else f"{x / unit * 1e3:.2f}{small}"
+
+
 def size(x: float) -> str:
   return f"{x / 1e9:.2f} GB" if x >= 1e8 else f"{x / 1e6:.2f} MB"
 
@@ -310,7 +315,7 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
   rows = [
       ("topology", f"{family}-{n // slices * cores} x{slices}: {n} chips, mesh {dict(mesh.shape)}"),
       *([("data indices per slice", slice_rows(mesh))] if slices > 1 else []),
-      ("model", f"{count_params(cfg.model) / 1e9:.2f}B parameters, {cfg.model.dtype} compute, remat {cfg.model.remat}"),
+      ("model", f"{count(count_params(cfg.model), 'B', 'M')} parameters, {cfg.model.dtype} compute, remat {cfg.model.remat}"),
       ("batch", f"{B} x {L} tokens ({B * L // n} tokens per chip)"),
       attention_row(compiled),
       ("parameters per chip", size(per_chip(state.params))),
@@ -318,8 +323,8 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
       *memory,
       # XLA's cost model counts the body of the layer scan once, so its FLOPs and time cover one
       # layer plus the rest; the MFU below compares the two like with like.
-      ("XLA FLOPs per chip per step", f"{xla_flops / 1e12:.2f} TFLOP (the layer scan's body counted once)"),
-      ("model FLOPs per chip per step", f"{model_flops / 1e12:.2f} TFLOP (6 x parameters + attention, all layers)"),
+      ("XLA FLOPs per chip per step", f"{count(xla_flops, ' TFLOP', ' GFLOP', 1e12)} (the layer scan's body counted once)"),
+      ("model FLOPs per chip per step", f"{count(model_flops, ' TFLOP', ' GFLOP', 1e12)} (6 x parameters + attention, all layers)"),
       ("XLA estimated step time", f"{seconds:.4f} s (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
       ("implied MFU", f"{100 * xla_flops / seconds / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (XLA FLOPs / XLA time)"
        if seconds > 0 else "n/a"),

@@ -176,6 +176,9 @@ def test_aot_compiles_tiny_for_a_tpu_topology_and_memory_grows_with_batch():
   per_index = re.search(r"^data indices per slice\s+(.*)$", large.stdout, re.M).group(1)
   assert per_index == "data 0: slice [0]; data 1: slice [1]"
   assert "fits" in small.stdout and "implied MFU" in small.stdout
+  # a tiny model's sizes in units that show them (not 0.00B parameters, 0.00 TFLOP)
+  assert re.search(r"^model\s+[1-9][\d.]*M parameters", small.stdout, re.M), small.stdout
+  assert re.search(r"^model FLOPs per chip per step\s+[1-9][\d.]* GFLOP", small.stdout, re.M), small.stdout
   assert "tokens/s" not in small.stdout  # XLA's time counts the layer scan's body once: no throughput follows from it
   assert aot_total(large.stdout) > aot_total(small.stdout)
   # model.attention=auto picks the kernel on TPU, for training and for the sampler's prefill
