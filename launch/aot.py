@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from lm import config
 from lm.config import ConfigError
@@ -107,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)  # the sampler's table is still wanted: it does not depend on the batch
       reports = [{"rows": [], "fits": False}]
     if sample:
-      sample_cfg = sampling_config(cfg, mesh.devices.size // args.slices, args.overrides)
-      reports.append(compile_sampler(sample_cfg, topology_mesh(sample_cfg, family, dims, args.slices), family, *sample, args.quantize,
-                                     args.kv_cache))
+      reports.append(sampler_report(cfg, args, family, dims, sample))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -197,6 +196,18 @@ def sample_shape(text: str) -> tuple[int, int, int]:
   if not match or 0 in (sizes := tuple(map(int, match.groups()))):
     raise ConfigError(f"--sample '{text}' is not ROWS,PROMPT,NEW with three positive numbers (for example 16,1024,1024)")
   return sizes
+
+
+def sampler_report(cfg: config.Config, args: argparse.Namespace, family: str, dims: tuple[int, ...], sample: tuple[int, int, int]
+                   ) -> dict[str, Any]:
+  """The sampler's table; a decode mesh that the mesh.* overrides leave impossible is a row of it, after
+  the training table."""
+  sample_cfg = sampling_config(cfg, math.prod(dims), args.overrides)
+  try:
+    mesh = topology_mesh(sample_cfg, family, dims, args.slices)
+  except ConfigError as e:
+    return {"rows": [("decode mesh", f"none: {e}")], "fits": False}
+  return compile_sampler(sample_cfg, mesh, family, *sample, args.quantize, args.kv_cache)
 
 
 def sampling_config(cfg: config.Config, chips: int, overrides: list[str]) -> config.Config:

@@ -18,6 +18,16 @@ from lm.config import ConfigError
 from lm.tokenizer import Tokenizer, check_trained_as, train as train_tokenizer
 
 
+def training_documents(docs, cfg: config.DataConfig):
+  """The documents that training from the cache reads, or all where too few to hold any out (a
+  cache for data.val_source's side, say): lm-train names the problem if it must split them."""
+  try:
+    train, _ = data.split_documents(docs, cfg.val_fraction, cfg.source)
+  except ConfigError:
+    train = docs
+  return (train[i] for i in range(len(train)))
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="lm-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="the cache directory")
@@ -42,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
       tokenizer = Tokenizer(out / "tokenizer.model")
       check_trained_as(tokenizer, cfg.tokenizer, "--out")
     else:  # on the documents that training from the cache does not hold out, as lm-train's own
-      train_docs, _ = data.split_documents(docs, cfg.data.val_fraction, cfg.data.source)
-      tokenizer = train_tokenizer((train_docs[i] for i in range(len(train_docs))), cfg.tokenizer, out / "tokenizer.model")
+      tokenizer = train_tokenizer(training_documents(docs, cfg.data), cfg.tokenizer, out / "tokenizer.model")
     index = token_cache.prepare(docs, cfg.data.source, tokenizer, args.out, workers=args.workers,
                                 shard_docs=args.shard_docs, progress=not args.quiet)
   except ConfigError as e:

@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
       if args.kv_cache:
         settings["kv_cache"] = args.kv_cache
       if sampler.speculation:  # sampled tokens depend on the proposer (greedy ones do not, but one rule is simpler)
-        proposer = sampler.speculation.proposer
-        settings["speculate"] = (f"draft {proposer.draft.workdir} step {proposer.draft.step}" if args.draft else args.speculate) + \
-            f", {draft_tokens} tokens"
+        draft = sampler.speculation.proposer.draft if args.draft else None
+        proposer = f"draft {draft.workdir} step {draft.step}" if draft else args.speculate
+        settings["speculate"] = f"{proposer}, {draft_tokens} tokens"
       out, done = jobs.open_output(args.output, settings, write=writer)
       requests = [r for r in requests if (r.index, r.sample) not in done]
     if writer:

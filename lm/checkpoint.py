@@ -223,6 +223,14 @@ class Checkpoints:
     self.manager.close()
 
 
+def run_step(spec: str) -> tuple[Path, int | None]:
+  """`WORKDIR[:STEP]`, as --init-from and --draft name a run's checkpoint."""
+  path, sep, step = spec.rpartition(":")
+  if sep and step.isdigit():
+    return Path(path), int(step)
+  return Path(spec), None
+
+
 def open_run(workdir: str | Path, step: int | None = None) -> tuple[Checkpoints, int, dict[str, Any]]:
   """A run's checkpoints (read-only), the newest or the given step, and that step's description."""
   workdir = Path(workdir)

@@ -194,9 +194,10 @@ def split(cfg: DataConfig) -> tuple[Any, Any | None]:
 
 
 def document_counts(train: Any, validation: Any | None) -> dict[str, list[int]]:
-  """The documents of each source that training and validation read: the split, and a saved data
-  position, hold for these only."""
-  count = lambda docs: [] if docs is None else [len(p) for p in docs.parts] if isinstance(docs, Mixture) else [len(docs)]
+  """The documents of each source that training and validation read (of a single text cut into
+  pieces, its characters): the split, and a saved data position, hold for these only."""
+  size = lambda docs: sum(map(len, docs)) if isinstance(docs, list) else len(docs)
+  count = lambda docs: [] if docs is None else [size(p) for p in docs.parts] if isinstance(docs, Mixture) else [size(docs)]
   return {"train": count(train), "validation": count(validation)}
 
 
@@ -302,7 +303,8 @@ def held_out_batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_ba
   outside the loss). Training's stream per row would repeat a held-out set smaller than the batch, and
   weigh its documents unevenly. A mixture's sources are read whole: a mix ends with its scarcest source."""
   parts = docs.parts if isinstance(docs, Mixture) else [docs]
-  ordered = grain.MapDataset.concatenate([grain.MapDataset.source(p) for p in parts]).shuffle(SPLIT_SEED).map(_Tokenize(tokenizer)).filter(_Something())
+  ordered = grain.MapDataset.concatenate([grain.MapDataset.source(p) for p in parts]).shuffle(SPLIT_SEED)
+  ordered = ordered.map(_Tokenize(tokenizer)).filter(_Something())
   packed = gx.ConcatThenSplitIterDataset(ordered.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)),
                                          length_struct={"inputs": seq_len, "targets": seq_len}).map(_Rename())
   rows_read = list(itertools.islice(packed, limit * global_batch))

@@ -23,15 +23,26 @@ INDEX_SUFFIXES = (".lmindex.npz", ".lmindex.zst")  # the files written beside ea
 INDEX_MARK = ".lmindex."  # in their names, and in their temporary ones
 
 
-def record_text(line: bytes, where: str, field: str) -> str:
-  """The `field` of one JSON Lines record; `where` is FILE:LINE for the one-line error."""
+def utf8(text: str) -> str:
+  """`text` with any lone surrogate (valid JSON, "\\ud83d" alone, but no UTF-8, which sentencepiece
+  refuses) as '?'."""
   try:
-    record = json.loads(line.decode("utf-8", errors="replace"))  # as text files are read: bad bytes become U+FFFD
+    text.encode("utf-8")
+    return text
+  except UnicodeEncodeError:
+    return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def record_text(line: bytes, where: str, field: str) -> str:
+  """The `field` of one JSON Lines record, read as text files are (bad bytes become U+FFFD, a BOM is
+  dropped); `where` is FILE:LINE for the one-line error."""
+  try:
+    record = json.loads(line.decode("utf-8-sig", errors="replace"))
   except json.JSONDecodeError as e:
     raise ConfigError(f"{where}: malformed JSON ({e.msg})") from None
   if not isinstance(record, dict) or not isinstance(record.get(field), str):
     raise ConfigError(f"{where}: no string field '{field}' (set data.text_field)")
-  return record[field]
+  return utf8(record[field])
 
 
 class Parquet:

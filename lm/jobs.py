@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from lm import distributed
 from lm.config import ConfigError
+from lm.formats import utf8
 from lm.sampler import Completion
 
 
@@ -41,7 +42,7 @@ def read_prompts(path: str) -> list[str]:
     prompt = record.get("prompt") if isinstance(record, dict) else record
     if not isinstance(prompt, str):
       raise ConfigError(f"{path}:{lineno}: expected a \"prompt\" string")
-    prompts.append(prompt)
+    prompts.append(utf8(prompt))
   if not prompts:
     raise ConfigError(f"--prompts file '{path}' has no prompts")
   return prompts

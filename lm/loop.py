@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm import config, data, distributed, flops, metrics, resume, sharding
-from lm.checkpoint import Checkpoints, run_meta, run_tokenizer
+from lm.checkpoint import Checkpoints, run_meta, run_step, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.model import count_params
 from lm.tokenizer import Tokenizer, check_trained_as, file_digest, train as train_tokenizer
@@ -43,13 +43,14 @@ def prepare_workdir(path: str | Path) -> Path:
   return workdir
 
 
-def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None = None, fresh: bool = True) -> Tokenizer:
+def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None = None, fresh: bool = True,
+                  saved: dict[str, Any] | None = None) -> Tokenizer:
   """The given tokenizer, else the work directory's (copied from `inherited`, or trained here by an
-  earlier attempt at a `fresh` run: then with these settings), else one trained now."""
+  earlier attempt at a `fresh` run: then with these settings), else one trained now. `saved`: the
+  newest checkpoint's description, where a resume can read it."""
   path = workdir / "tokenizer.model"
-  if cfg.tokenizer.path and not fresh and path.exists() and (
-      not Path(cfg.tokenizer.path).exists() or file_digest(cfg.tokenizer.path) != file_digest(path)):
-    return Tokenizer(path)  # moved or retrained since: the run's copy, whose digest the resume checks
+  if saved and copy_instead(cfg, path, saved):
+    return Tokenizer(path)
   if cfg.tokenizer.path:
     tokenizer = Tokenizer(cfg.tokenizer.path)
     # The run keeps a copy, which outlives a moved original; a fresh run's replaces an earlier attempt's.
@@ -69,6 +70,23 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
     train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, path)
   multihost_utils.sync_global_devices("tokenizer trained")
   return Tokenizer(path)
+
+
+def copy_instead(cfg: Config, copy: Path, saved: dict[str, Any]) -> bool:
+  """Resuming with the run's own tokenizer.path setting, where that file is gone or was retrained in
+  place: the run's copy, if it is the tokenizer the checkpoint recorded. (A tokenizer.path changed
+  since, a moved file's new place, is taken as it is, and the resume checks its SHA-256.)"""
+  recorded, given = saved["tokenizer"]["sha256"], Path(cfg.tokenizer.path)
+  return (bool(cfg.tokenizer.path) and saved["config"]["tokenizer"]["path"] == cfg.tokenizer.path
+          and copy.exists() and file_digest(copy) == recorded and not (given.exists() and file_digest(given) == recorded))
+
+
+def newest_meta(ckpts: Checkpoints) -> dict[str, Any] | None:
+  """The newest checkpoint's description, None where there is none or it cannot be read (the resume says why)."""
+  try:
+    return ckpts.meta(ckpts.steps()[-1]) if ckpts.steps() else None
+  except ConfigError:
+    return None
 
 
 def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> None:
@@ -258,24 +276,26 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   t, lead = cfg.train, jax.process_index() == 0
   source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
   train_docs, val_docs = data.split(cfg.data)
-  inherited = run_tokenizer(resume.parse_init_from(init_from)[0], *source[1:]) if source else data.cache_tokenizer(cfg.data)
-  tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not ckpts.steps())
+  inherited = run_tokenizer(run_step(init_from)[0], *source[1:]) if source else data.cache_tokenizer(cfg.data)
+  tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not ckpts.steps(), saved=newest_meta(ckpts))
   data.check_tokenizer(cfg.data, tokenizer)
   resolve_vocab(cfg, tokenizer)
-  distributed.check_same_config(config.to_dict(cfg))
+  documents = data.document_counts(train_docs, val_docs)
+  # and the same data: a host whose listing lags (a shard still being copied) would read other documents
+  distributed.check_same_config(config.to_dict(cfg) | {"documents": documents})
   meta = run_meta(config.to_dict(cfg), tokenizer.path)
   if source is not None:
     resume.check_init_from(init_from, source[2], cfg, meta)
 
   steps = Steps(cfg, mesh)
   meta["rows"] = sharding.process_rows(steps.batch_sharding, t.batch_size)
-  meta["documents"] = data.document_counts(train_docs, val_docs)
+  meta["documents"] = documents
   stream = dict(seq_len=t.seq_len, global_batch=t.batch_size, rows=sharding.local_rows(steps.batch_sharding, t.batch_size))
   window = data.shuffle_window(cfg.data, t.batch_size, t.seq_len)
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=window, workers=cfg.data.workers, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
   if cfg.tokenizer.path and tokenizer.path != Path(cfg.tokenizer.path):
-    writer.say(f"tokenizer.path {cfg.tokenizer.path} is gone or no longer the file this run was trained with; "
+    writer.say(f"tokenizer.path {cfg.tokenizer.path} is gone or retrained since this run was trained with it; "
                f"it goes on with its copy, {tokenizer.path}")
   if cfg.data.workers and data.token_ids(train_docs):
     writer.say(f"data.workers={cfg.data.workers} is not used: token caches are packed in the training process, faster than in workers")

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lm import config
-from lm.checkpoint import Checkpoints, RestoreFailed, UnreadableCheckpoint, open_run
+from lm.checkpoint import Checkpoints, RestoreFailed, UnreadableCheckpoint, open_run, run_step
 from lm.config import Config, ConfigError
 
 # Settings that may change when a run resumes: schedule, cadences, precision, remat, the attention
@@ -33,18 +33,10 @@ def model_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
   return [c for c in config_changes(saved, cfg, ("model.",)) if not c.startswith(SAFE_CHANGES)]
 
 
-def parse_init_from(spec: str) -> tuple[Path, int | None]:
-  """`OTHER_WORKDIR[:STEP]`."""
-  path, sep, step = spec.rpartition(":")
-  if sep and step.isdigit():
-    return Path(path), int(step)
-  return Path(spec), None
-
-
 def init_from_run(spec: str) -> tuple[Checkpoints, int, dict[str, Any]]:
   """The other run's checkpoints, the chosen step and its description."""
   try:
-    return open_run(*parse_init_from(spec))
+    return open_run(*run_step(spec))
   except ConfigError as e:
     raise ConfigError(f"--init-from {spec}: {e}") from None
 
@@ -58,7 +50,8 @@ def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], wo
     raise ConfigError(f"{where}: tokenizer {meta['tokenizer']['path']} is not the one it was trained with ({saved['tokenizer']['path']})")
   if (then := saved.get("documents", meta["documents"])) != meta["documents"]:
     changed = "; ".join(f"{part} {then[part]} then, {meta['documents'][part]} now" for part in then if then[part] != meta["documents"][part])
-    raise ConfigError(f"{where}: its data sources hold other documents now (documents per source: {changed}), so neither the "
+    raise ConfigError(f"{where}: its data sources hold other documents now (per source, documents or a single text's "
+                      f"characters: {changed}), so neither the "
                       f"held-out split nor the data position would continue; restore the data it was trained on, or use a new "
                       f"--workdir (or --init-from {workdir})")
   if saved["process_count"] != meta["process_count"]:

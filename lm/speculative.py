@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from lm import config, sharding
-from lm.checkpoint import open_run
+from lm.checkpoint import open_run, run_step
 from lm.config import ConfigError
 from lm.sampler import MAX_STOP_TOKENS, Sampler, Timing, scaled_logits
 
@@ -227,22 +226,16 @@ def target_len(state) -> int:
   return state["cache"][0][0].shape[2]
 
 
-def draft_run(spec: str) -> tuple[Path, int | None]:
-  """`--draft DIR[:STEP]`."""
-  head, sep, tail = spec.rpartition(":")
-  return (Path(head), int(tail)) if sep and tail.isdigit() else (Path(spec), None)
-
-
 def draft_model(spec: str) -> config.ModelConfig:
   """The draft's model, which the target's decode mesh must also split."""
-  ckpts, _, meta = open_run(*draft_run(spec))
+  ckpts, _, meta = open_run(*run_step(spec))
   ckpts.close()
   return config.from_dict(meta["config"]).model
 
 
 def load_draft(target: Sampler, spec: str) -> Draft:
   """`--draft DIR[:STEP]`: a run restored onto the target's mesh, trained with the target's tokenizer."""
-  workdir, step = draft_run(spec)
+  workdir, step = run_step(spec)
   draft = Sampler.from_workdir(workdir, step, mesh_cfg=target.cfg.mesh, kv=target.kv)
   if draft.tokenizer_digest != target.tokenizer_digest:
     raise ConfigError(f"--draft '{workdir}' was trained with tokenizer SHA-256 {str(draft.tokenizer_digest)[:12]}..., "

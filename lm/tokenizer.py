@@ -52,10 +52,7 @@ class Tokenizer:
     return self.sp.eos_id()
 
   def encode(self, text: str) -> list[int]:
-    try:
-      return self.sp.encode(text)
-    except (TypeError, RuntimeError):  # sentencepiece refuses a lone surrogate (JSON's "\ud83d"): UTF-8 has none
-      return self.sp.encode(text.encode("utf-8", errors="replace").decode("utf-8"))  # it becomes "?"
+    return self.sp.encode(text)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.sp.decode(list(ids))

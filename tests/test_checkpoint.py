@@ -166,6 +166,7 @@ def test_a_checkpoint_this_machine_cannot_take_in_is_left_in_place(straight, tmp
   assert not (workdir / "checkpoints_unreadable").exists()
   assert (workdir / "metrics.jsonl").read_text() == metrics_before
 
+
 def test_incompatible_config_fails_before_loading_and_safe_changes_are_reported(straight, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(straight, workdir)

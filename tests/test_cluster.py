@@ -99,6 +99,7 @@ def test_every_process_resumes_a_job_from_what_process_0_sees_in_its_output(tmp_
     assert [proc.communicate(timeout=120)[0].strip().splitlines()[-1] for proc in procs] == [want, want]
   assert not (tmp_path / "out1.jsonl").exists()
 
+
 def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
   workdir = tmp_path / "run"
   proc = cluster(workdir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
@@ -129,7 +130,7 @@ def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
           "resume with the mesh settings it was saved with") in stderr, stderr
 
 
-def test_processes_with_different_settings_fail_naming_the_process(tmp_path):
+def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tokenizer):
   port = free_port()
   procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "run"), *SETTINGS,
                              f"train.steps={8 + p}"], cwd=ROOT, env=child_env(p, 2, 2, port), text=True,
@@ -138,6 +139,19 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path):
   assert [proc.returncode for proc in procs] == [1, 1]
   assert "error: process 1 runs other settings than process 0: train.steps: 8 on process 0, 9 here" in errors[1]
   assert "error: process(es) [1] run other settings than process 0" in errors[0]
+  # the same data.source, but one more document where process 1 looks (a host whose copy lags)
+  for p, files in ((0, 20), (1, 21)):
+    (tmp_path / f"host{p}" / "corpus").mkdir(parents=True)
+    for i in range(files):
+      (tmp_path / f"host{p}" / "corpus" / f"{i}.txt").write_text(f"document {i}\n" * 50)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "data-run"), *SETTINGS,
+                             "data.source=~/corpus", "data.val_fraction=0.1", f"tokenizer.path={tokenizer.path}"], cwd=ROOT,
+                            env=child_env(p, 2, 2, port) | {"HOME": str(tmp_path / f"host{p}")}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
+  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [1, 1]
+  assert "error: process 1 runs other settings than process 0: documents.train: [18] on process 0, [19] here" in errors[1]
 
 
 def test_unreachable_coordinator_and_mesh_that_does_not_fit(tmp_path):

@@ -56,15 +56,29 @@ def test_source_errors_name_the_problem(tmp_path):
 
 
 def test_records_that_are_not_clean_utf8_are_read_as_text_files_are(tmp_path, tokenizer):
-  """Scraped JSON Lines: a Latin-1 byte reads as U+FFFD, as in a text file; a lone surrogate escape
-  (valid JSON, not UTF-8) as '?'. Both tokenize and train, no traceback."""
+  """Scraped JSON Lines, saved with a byte-order mark: a Latin-1 byte reads as U+FFFD, as in a text
+  file; a lone surrogate escape (valid JSON, not UTF-8) as '?'. They tokenize, train a tokenizer and
+  make batches, no traceback."""
+  from lm.config import TokenizerConfig
+  from lm.tokenizer import train
   path = tmp_path / "scraped.jsonl"
-  path.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "half an emoji \\ud83d here"}\n')
+  path.write_bytes(b'\xef\xbb\xbf{"text": "caf\xe9 au lait"}\n{"text": "half an emoji \\ud83d here"}\n')
   source = data.open_source(f"jsonl:{path}")
-  assert [source[0], source[1]] == ["caf\ufffd au lait", "half an emoji \ud83d here"]
-  assert tokenizer.decode(tokenizer.encode(source[1])) == "half an emoji ? here"
+  assert [source[0], source[1]] == ["caf\ufffd au lait", "half an emoji ? here"]
+  train([source[0], source[1]] * 20, TokenizerConfig(vocab_size=300, model_type="char"), tmp_path / "t.model")
   rows = next(iter(data.batches(source, tokenizer, seq_len=16, global_batch=2, seed=0)))
   assert (rows["segment_ids"] != 0).sum() > 0
+
+
+def test_a_single_texts_split_is_counted_in_characters(tmp_path):
+  """A resume compares these: a text that grew by less than a piece changes them too."""
+  (tmp_path / "one.txt").write_text("line of text\n" * 10_000)
+  counts = lambda: data.document_counts(*data.split(DataConfig(source=str(tmp_path / "one.txt"), val_fraction=0.1)))
+  before = counts()
+  assert sum(before["train"] + before["validation"]) == 130_000
+  with open(tmp_path / "one.txt", "a") as f:
+    f.write("one more line\n")
+  assert counts() != before
 
 
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
@@ -412,6 +426,12 @@ def test_prepare_trains_its_tokenizer_on_the_documents_training_will_read(tmp_pa
                        "data.val_fraction=0.1"]) == 0
   train, val = data.split(DataConfig(source=str(tmp_path / "txt"), val_fraction=0.1))
   assert seen == [train[i] for i in range(len(train))] and len(seen) == 27
+  seen.clear()  # one document holds none out: the tokenizer learns from it (a cache for data.val_source, say)
+  (tmp_path / "one").mkdir()
+  (tmp_path / "one" / "only.txt").write_text("one short document\n")
+  assert prepare.main(["--out", str(tmp_path / "one-cache"), "--quiet", "--workers", "1", f"data.source={tmp_path / 'one'}"]) == 0
+  assert seen == ["one short document\n"]
+
 
 def test_workers_keep_a_resumable_order(tmp_path, tokenizer):
   from lm.checkpoint import _DataPosition

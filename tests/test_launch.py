@@ -280,6 +280,11 @@ def test_the_default_decode_mesh_gathers_no_weight_on_a_tpu_topology():
   assert big.returncode == 1 and "Traceback" not in big.stderr, big.stderr
   assert re.search(r"^decode total per chip\s+more than 17.18 GB HBM: DOES NOT FIT \(RESOURCE_EXHAUSTED: ", big.stdout, re.M), big.stdout
   assert re.search(r"^total per chip\s+.* HBM: fits$", big.stdout, re.M)  # the training table still comes first
+  # a training mesh override that leaves the decode mesh (tensor=4 over 8 kv heads) too many devices
+  odd = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", "--sample", "4,16,16", *model,
+               "model.num_heads=8", "model.num_kv_heads=8", "mesh.fsdp=2")
+  assert odd.returncode == 1 and re.search(r"^total per chip\s+.* HBM: fits$", odd.stdout, re.M), odd.stderr
+  assert re.search(r"^decode mesh\s+none: mesh data=1 fsdp=2 tensor=4 needs 8 devices, but 4 are available$", odd.stdout, re.M)
   temporaries = aot_total("\n".join(f"{k} {v}" for k, v in reports["fsdp"]["rows"]), r"decode temporaries per chip \(XLA\)")
   assert temporaries < 67.2e6  # never many layers' gathered weights at once (0.31 GB when the TPU prefetched them)
 

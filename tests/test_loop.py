@@ -65,6 +65,7 @@ def test_a_resumed_runs_progress_bar_counts_from_its_start(tmp_path, monkeypatch
   assert bar.startswith(" 50%|#####     | 1010/2000"), bar
   assert 0 < float(re.search(r"([\d.]+)step/s", bar).group(1)) <= 20.5  # 10 steps in half a second or more, not 1010
 
+
 @pytest.mark.slow
 def test_short_run_on_builtin_corpus_learns_and_writes_its_outputs(tmp_path):
   out = run_trainer(tmp_path / "run", "--sample-prompt=def ")
@@ -151,6 +152,7 @@ def test_resuming_with_less_retention_is_refused_before_a_kept_checkpoint_is_del
   run(6, 1)  # a divisor keeps them all
   assert saved() == [2, 4, 5, 6]
 
+
 def test_resuming_over_data_that_gained_a_document_is_refused(tmp_path, tokenizer):
   """A file more under data.source moves the held-out split and the saved data position."""
   corpus = tmp_path / "corpus"
@@ -162,8 +164,8 @@ def test_resuming_over_data_that_gained_a_document_is_refused(tmp_path, tokenize
       "train.warmup_steps": 1, "checkpoint.every": 1, "eval.steps": 1})), tmp_path / "run")
   run(2)
   (corpus / "40.py").write_text("print('one more')\n")
-  with pytest.raises(ConfigError, match=r"from step 2: its data sources hold other documents now \(documents per source: "
-                                        r"train \[38\] then, \[39\] now\)"):
+  with pytest.raises(ConfigError, match=r"from step 2: its data sources hold other documents now \(per source, documents or a "
+                                        r"single text's characters: train \[38\] then, \[39\] now\)"):
     run(3)
   (corpus / "40.py").unlink()
   assert int(run(3).step) == 3
@@ -178,6 +180,7 @@ def test_a_resumed_run_past_its_profile_steps_says_nothing_is_traced(tmp_path, t
   capsys.readouterr()
   run(3)
   assert "profile.start_step=2 is not after step 2, where this run resumes: nothing is traced (set a later step)" in capsys.readouterr().out
+
 
 @pytest.mark.slow
 def test_a_second_notice_while_the_last_save_is_written_does_not_lose_it(tmp_path):

@@ -116,6 +116,7 @@ def test_evaluation_takes_a_micro_batch_at_a_time_as_training_does():
   assert sums[4]["nll"] == pytest.approx(sums[1]["nll"], rel=1e-5)
   assert temporaries[4] < 0.5 * temporaries[1]
 
+
 def test_z_loss_changes_gradients_but_not_reported_loss():
   cfg = make_cfg("mesh.data=1")
   plain_losses, plain_params, _ = run_steps(cfg, jax.devices()[:1], n=2)
@@ -190,6 +191,7 @@ def test_peak_flops_of_a_device_kind_is_its_parts_not_a_longer_names():
   assert device_peak("NVIDIA H100 NVL") == device_peak("NVIDIA H200 NVL") == 835e12  # the same die at lower power
   assert device_peak("NVIDIA H100 PCIe") == 756e12
   assert device_peak("NVIDIA A10G") is None and device_peak("NVIDIA A100-SXM4-80GB") == 312e12
+
 
 def test_learning_rate_schedule_values_against_its_formula():
   from lm.train import schedule
