@@ -48,12 +48,11 @@ def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], wo
     raise ConfigError(f"{where}: {'; '.join(unsafe)} differ from its checkpoint; use a new --workdir (or --init-from {workdir})")
   if saved["tokenizer"]["sha256"] != meta["tokenizer"]["sha256"]:
     raise ConfigError(f"{where}: tokenizer {meta['tokenizer']['path']} is not the one it was trained with ({saved['tokenizer']['path']})")
-  if (then := saved.get("documents", meta["documents"])) != meta["documents"]:
-    changed = "; ".join(f"{part} {then[part]} then, {meta['documents'][part]} now" for part in then if then[part] != meta["documents"][part])
+  then, now = saved.get("documents", meta["documents"]), meta["documents"]
+  if changed := "; ".join(f"{part} {then[part]} then, {now[part]} now" for part in then if then[part] != now[part]):
     raise ConfigError(f"{where}: its data sources hold other documents now (per source, documents or a single text's "
-                      f"characters: {changed}), so neither the "
-                      f"held-out split nor the data position would continue; restore the data it was trained on, or use a new "
-                      f"--workdir (or --init-from {workdir})")
+                      f"characters: {changed}), so neither the held-out split nor the data position would continue; "
+                      f"restore the data it was trained on, or use a new --workdir (or --init-from {workdir})")
   if saved["process_count"] != meta["process_count"]:
     raise ConfigError(f"{where}: it was saved by {saved['process_count']} processes, this run has {meta['process_count']}")
   if moved := [f"process {p}: rows {a}-{b - 1} then, {meta['rows'][p][0]}-{meta['rows'][p][1] - 1} now"
@@ -63,10 +62,10 @@ def check_resumable(saved: dict[str, Any], cfg: Config, meta: dict[str, Any], wo
                       f"({'; '.join(moved)}); resume with the mesh settings it was saved with")
 
 
-def check_retention(saved: dict[str, Any], cfg: Config, steps: list[int], where: str) -> None:
+def check_retention(saved_cfg: dict[str, Any], cfg: Config, steps: list[int], where: str) -> None:
   """Each save applies this run's retention to every checkpoint there: one kept for ever under the
   saved checkpoint.keep_every must stay kept under the new one."""
-  old, new = saved["checkpoint"].get("keep_every", 0), cfg.checkpoint.keep_every
+  old, new = saved_cfg["checkpoint"].get("keep_every", 0), cfg.checkpoint.keep_every
   if lost := [s for s in steps if old and s % old == 0 and not (new and s % new == 0)]:
     raise ConfigError(f"{where}: checkpoint.keep_every {old} -> {new} would delete steps {lost}, kept for ever until now; "
                       f"resume with checkpoint.keep_every={old} (or a divisor of it), or move them out of checkpoints/ first")
