@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,24 @@ ENVIRONMENT_STATUSES = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE"
 def environment_error(e: Exception) -> bool:
   return (isinstance(e, (MemoryError, PermissionError, jax.errors.JaxRuntimeError))
           or any(status in str(e) for status in ENVIRONMENT_STATUSES))
+
+
+def quiet_orphaned_reads() -> None:
+  """For restores that fail: orbax gathers its array reads without cancelling the rest when one fails,
+  and those end later, on tensorstore's threads, each printing an 'Exception ignored' traceback (its
+  event loop is closed, or its coroutine never finished). The failure itself is reported once, as one
+  line; every other unraisable exception still prints."""
+  previous = sys.unraisablehook
+  if getattr(previous, "orphans_quiet", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+    if not (closed or "_read_array_index_and_device_put" in repr(unraisable.object)):
+      previous(unraisable)
+
+  hook.orphans_quiet = True
+  sys.unraisablehook = hook
 
 
 def _locate(message: str, step_dir: Path) -> str:
@@ -189,6 +208,7 @@ class Checkpoints:
     return self._restore(step, params=_arrays_restore(abstract_params))["params"]
 
   def _restore(self, step: int, **items: Any) -> dict[str, Any]:
+    quiet_orphaned_reads()  # before: a failed read's orphans may end before the error reaches us
     try:
       return self.reader.restore(step, args=ocp.args.Composite(**items))
     except ConfigError:

@@ -123,12 +123,13 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_pat
 def test_corrupted_checkpoint_falls_back_to_the_previous_one_and_is_kept(straight, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(straight, workdir)
-  data_files = sorted((workdir / "checkpoints" / "12" / "params").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
-  os.truncate(data_files[-1], data_files[-1].stat().st_size // 3)
+  for data_file in (workdir / "checkpoints" / "12" / "params").rglob("ocdbt.process_0/d/*"):  # every array's, so
+    os.truncate(data_file, data_file.stat().st_size // 3)  # reads still run when the first one fails
   with pytest.raises(ConfigError, match=r"^checkpoint at step 12 is unreadable \(.*checkpoints/12/params/"):
     Sampler.from_workdir(workdir)  # lm-sample's (and --init-from's) one line
-  out = run_trainer(workdir, *STEPS[1:], "train.steps=14")
+  out = run_trainer(workdir, *STEPS[1:], "train.steps=14", devices=1)  # whole arrays, each one read
   assert out.returncode == 0, out.stderr
+  assert "Traceback" not in out.stderr  # not the array reads orbax leaves running when one fails
   lines = out.stdout.splitlines()
   bad = next(line for line in lines if line.startswith("checkpoint at step 12 is unreadable"))
   assert "checkpoints/12/params/" in bad and "trying the previous checkpoint" in bad
@@ -203,10 +204,9 @@ def test_init_from_takes_parameters_only(straight, tmp_path):
     for data_file in (workdir / "checkpoints" / str(step) / "params").rglob("ocdbt.process_0/d/*"):
       os.truncate(data_file, data_file.stat().st_size // 3)
   out = run_trainer(workdir, "train.steps=2", init_from=str(straight))
-  assert out.returncode == 1
-  # (orbax's reads still in flight when one fails may print their tracebacks around it)
-  assert (f"error: every checkpoint in {workdir} was unreadable and is set aside in checkpoints_unreadable/; "
-          f"rerun the same command to start from --init-from {straight}") in out.stderr.splitlines()
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (f"error: every checkpoint in {workdir} was unreadable and is set aside in "
+                                                 f"checkpoints_unreadable/; rerun the same command to start from --init-from {straight}")
   out = run_trainer(workdir, "train.steps=2", init_from=str(straight))
   assert out.returncode == 0 and f"initialized parameters from {straight} (step 12)" in out.stdout
   out = run_trainer(tmp_path / "other", "model.d_model=96", init_from=str(straight))
