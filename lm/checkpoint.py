@@ -4,6 +4,7 @@ description, saved asynchronously and atomically into WORKDIR/checkpoints/STEP."
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import sys
@@ -73,9 +74,10 @@ def environment_error(e: Exception) -> bool:
 
 def quiet_orphaned_reads() -> None:
   """For restores that fail: orbax gathers its array reads without cancelling the rest when one fails,
-  and those end later, on tensorstore's threads, each printing an 'Exception ignored' traceback (its
-  event loop is closed, or its coroutine never finished). The failure itself is reported once, as one
-  line; every other unraisable exception still prints."""
+  and those end later, each printing a traceback: as an unraisable exception on tensorstore's threads
+  (their event loop is closed, or their coroutine never finished), or through asyncio's log (a task's
+  exception never retrieved). The failure itself is reported once, as one line; every other
+  unraisable exception and asyncio error still prints."""
   previous = sys.unraisablehook
   if getattr(previous, "orphans_quiet", False):
     return
@@ -85,8 +87,13 @@ def quiet_orphaned_reads() -> None:
     if not (closed or "_read_array_index_and_device_put" in repr(unraisable.object)):
       previous(unraisable)
 
+  def orbax_read(record: logging.LogRecord) -> bool:
+    error = str(record.exc_info[1]) if record.exc_info else ""
+    return not ("exception was never retrieved" in record.getMessage() and "while reading array index" in error)
+
   hook.orphans_quiet = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(orbax_read)
 
 
 def _locate(message: str, step_dir: Path) -> str:
