@@ -202,22 +202,14 @@ def sampler_report(cfg: config.Config, args: argparse.Namespace, family: str, di
                    ) -> dict[str, Any]:
   """The sampler's table; a decode mesh that the mesh.* overrides leave impossible is a row of it, after
   the training table."""
-  sample_cfg = sampling_config(cfg, math.prod(dims), args.overrides)
+  from lm.sampler import sampling_config
+
+  sample_cfg = sampling_config(cfg, math.prod(dims), [o for o in args.overrides if o.startswith("mesh.")])
   try:
     mesh = topology_mesh(sample_cfg, family, dims, args.slices)
   except ConfigError as e:
     return {"rows": [("decode mesh", f"none: {e}")], "fits": False}
   return compile_sampler(sample_cfg, mesh, family, *sample, args.quantize, args.kv_cache)
-
-
-def sampling_config(cfg: config.Config, chips: int, overrides: list[str]) -> config.Config:
-  """What lm-sample decodes with: the decode mesh of one slice's `chips` (the slices stacked along
-  data), changed by the mesh.* overrides as lm-sample changes it."""
-  from lm.sampler import decode_mesh
-
-  sample_cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(decode_mesh(cfg.model, chips), rules=cfg.mesh.rules))
-  config.apply_overrides(sample_cfg, [o for o in overrides if o.startswith("mesh.")], only=("mesh.",))
-  return sample_cfg
 
 
 def topology_mesh(cfg: config.Config, family: str, dims: tuple[int, ...], slices: int):

@@ -161,6 +161,14 @@ def decode_mesh(cfg: config.ModelConfig, devices: int, *others: config.ModelConf
   return config.MeshConfig(data=devices // tensor, fsdp=1, tensor=tensor)
 
 
+def sampling_config(cfg: Config, devices: int, overrides: Sequence[str] = (), *sharing: config.ModelConfig) -> Config:
+  """A run's config on the mesh it samples with: `decode_mesh` over one slice's `devices` (for the
+  models `sharing` it too), then the `mesh.*` and `sample.*` overrides."""
+  cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(decode_mesh(cfg.model, devices, *sharing), rules=cfg.mesh.rules))
+  config.apply_overrides(cfg, overrides, only=("mesh.", "sample."))
+  return cfg
+
+
 def load_params(ckpts, step: int, cfg: Config, mesh: Mesh) -> Any:
   """A checkpoint's parameters, sharded for `mesh` and cast to the compute dtype as they are read."""
   _, abstract = abstract_model(cfg.model)
@@ -206,9 +214,11 @@ class Sampler:
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
-    per_slice = jax.device_count() // sharding.slices_of(jax.devices())  # make_mesh stacks the slices along data
-    cfg.mesh = mesh_cfg or dataclasses.replace(decode_mesh(cfg.model, per_slice, *sharing), rules=cfg.mesh.rules)
-    config.apply_overrides(cfg, overrides, only=("mesh.", "sample."))
+    if mesh_cfg:
+      cfg.mesh = mesh_cfg
+    else:
+      per_slice = jax.device_count() // sharding.slices_of(jax.devices())  # make_mesh stacks the slices along data
+      cfg = sampling_config(cfg, per_slice, overrides, *sharing)
     tokenizer_path = run_tokenizer(workdir, step, meta)
     mesh = sharding.make_mesh(cfg.mesh)
     try:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lm import config, sharding
+from lm.sampler import sampling_config
 from tests.conftest import ROOT
 
 
@@ -251,16 +252,17 @@ def test_the_default_decode_mesh_gathers_no_weight_on_a_tpu_topology():
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from launch import aot
 
+  meshes = lambda overrides: [o for o in overrides if o.startswith("mesh.")]  # what launch.aot passes on
   model = ["model.vocab_size=2048", "model.num_layers=2", "model.max_seq_len=64", "train.seq_len=64"]
   # 8 layers of 16.8M float32 weights: 67.2 MB a layer gathered
   wide = ["model.num_layers=8", "model.d_model=1024", "model.num_heads=8", "model.num_kv_heads=8", "model.d_ff=4096"]
-  decode = aot.sampling_config(config.load("configs/tiny.yaml", model), 4, model)
+  decode = sampling_config(config.load("configs/tiny.yaml", model), 4)
   as_training = model + wide + ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=1"]  # as lm-sample takes them
-  fsdp = aot.sampling_config(config.load("configs/tiny.yaml", as_training), 4, as_training)
+  fsdp = sampling_config(config.load("configs/tiny.yaml", as_training), 4, meshes(as_training))
   # a training mesh's overrides change the decode mesh as they change lm-sample's: with tensor=4 over the
   # 8 kv heads, fsdp=-1 is left no device, so no FSDP mesh (the README's 7B case)
   training_mesh = model + wide + ["mesh.data=1", "mesh.fsdp=-1"]
-  sampling = aot.sampling_config(config.load("configs/tiny.yaml", training_mesh), 4, training_mesh)
+  sampling = sampling_config(config.load("configs/tiny.yaml", training_mesh), 4, meshes(training_mesh))
   assert dict(sharding.make_mesh(sampling.mesh, jax.devices()[:4]).shape) == {"data": 1, "fsdp": 1, "tensor": 4}
   family, dims = aot.topology_shape("v5e-4")
   reports = {}
