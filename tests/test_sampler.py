@@ -21,17 +21,18 @@ from flax import nnx
 from lm import config, convert, jobs, sharding, speculative
 from lm.config import ConfigError
 from lm.model import Transformer
-from lm.params import abstract_model, unstack
-from lm.sampler import Knobs, Sampler, choose, prompt_bucket, window
+from lm.params import abstract_model, param_shardings, unstack
+from lm.sampler import Knobs, Sampler, choose, decode_mesh, prompt_bucket, window
 from tests.conftest import ROOT, run_trainer, stacked, tiny_overrides
 
 
 def make_sampler(tokenizer, devices=None, mesh=("mesh.data=1", "mesh.fsdp=1")):
   """A random model with peaked logits (so greedy choices are far from ties)."""
   cfg = config.load(None, tiny_overrides(**{"model.vocab_size": tokenizer.vocab_size, "model.init_std": 0.3}) + list(mesh))
-  devices = devices or jax.devices()[:1]
+  mesh = sharding.make_mesh(cfg.mesh, devices or jax.devices()[:1])
   params = nnx.to_pure_dict(nnx.state(Transformer(cfg.model, nnx.Rngs(0))))
-  return Sampler(cfg, params, tokenizer, sharding.make_mesh(cfg.mesh, devices))
+  params = jax.device_put(params, param_shardings(abstract_model(cfg.model)[1], mesh, cfg.mesh.rules))
+  return Sampler(cfg, params, tokenizer, mesh)
 
 
 def naive_greedy(cfg, params, ids, n):
@@ -60,6 +61,17 @@ def test_greedy_equals_naive_decoder_token_for_token(tokenizer):
   for prompt, completion in zip(PROMPTS, out):
     want = naive_greedy(sampler.cfg, sampler.params, sampler.encode(prompt), 12)
     assert completion.token_ids == until_eos(want, tokenizer.eos_id)
+
+
+def test_the_default_decode_mesh_of_eight_devices_equals_the_naive_decoder_on_one(tokenizer):
+  """Tensor-parallel over the kv heads and data-parallel over slots, with more prompts than slots."""
+  one = make_sampler(tokenizer)
+  mesh = decode_mesh(one.cfg.model, 8)
+  eight = make_sampler(tokenizer, jax.devices(), [f"mesh.{k}={getattr(mesh, k)}" for k in ("data", "fsdp", "tensor")])
+  assert dict(eight.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  got = eight.generate(JOB, max_new_tokens=8, batch_size=4, stop_tokens=())
+  for prompt, completion in zip(JOB, got):
+    assert completion.token_ids == until_eos(naive_greedy(one.cfg, one.params, one.encode(prompt), 8), tokenizer.eos_id)
 
 
 def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
@@ -193,8 +205,8 @@ def test_sampling_knobs():
   np.testing.assert_allclose(logprob, np.log(probs[V - 1]), rtol=1e-5)
   free, _ = choose(keys, logits, *args(1.0, 0, 1.0))
   assert len(np.unique(free)) > 30
-  again, _ = choose(keys, logits, *args(1.0, 0, 1.0))
-  np.testing.assert_array_equal(free, again)
+  reversed_rows, _ = choose(keys[::-1], logits[::-1], *args(1.0, 0, 1.0))  # a row's draw is its key's alone
+  np.testing.assert_array_equal(reversed_rows[::-1], free)
 
 
 def test_temperature_top_k_and_top_p_together_match_numpy():
@@ -527,9 +539,12 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
   want = sampler.generate(prompts, max_new_tokens=24, temperature=0.9, seed=1, num_samples=2)
   rows.sort(key=lambda r: (r["index"], r["sample"]))
   assert [(r["prompt"], r["token_ids"], r["finish_reason"]) for r in rows] == [(c.prompt, c.token_ids, c.finish_reason) for c in want]
+  finished = out.read_bytes()
   other = sample_cli(*[a if a != "0.9" else "0.5" for a in args])
-  assert other.returncode == 1
-  assert other.stderr.strip().splitlines()[-1] == f"error: --output '{out}' was written with other settings (temperature: 0.9 then, 0.5 now); rerun with those or choose a new path"
+  assert other.returncode == 1 and "Traceback" not in other.stderr
+  assert [line for line in other.stderr.splitlines() if line.startswith("error:")] == \
+      [f"error: --output '{out}' was written with other settings (temperature: 0.9 then, 0.5 now); rerun with those or choose a new path"]
+  assert out.read_bytes() == finished
 
 
 @pytest.mark.slow
