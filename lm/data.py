@@ -29,6 +29,8 @@ from lm.tokenizer import Tokenizer
 SPLIT_SEED = 0  # fixed, so the held-out documents never change with train.seed
 CHUNK_CHARS = 1 << 15  # one long text is cut at line ends into pieces of about this size
 WINDOW_TOKENS, MAX_WINDOW = 1 << 24, 1024  # the default data.shuffle_window's bounds
+RECORD_FILES = {".jsonl": "jsonl", ".gz": "jsonl", ".zst": "jsonl", ".parquet": "parquet", ".array_record": "arrayrecord",
+                ".arrayrecord": "arrayrecord"}  # the formats a prefix names, by file suffix
 
 
 class TextFiles:
@@ -140,6 +142,16 @@ def _match(pattern: str, spec: str) -> list[str]:
   return paths
 
 
+def _text_files(spec: str) -> TextFiles:
+  """Every file read whole as one document; a file of records would train as its raw bytes."""
+  paths = _match(spec, spec)
+  for path in paths:
+    if kind := RECORD_FILES.get(Path(path).suffix):
+      raise ConfigError(f"data source '{spec}' matches {path}, a file of {kind} records that would train as plain text; "
+                        f"name the format: '{kind}:{spec}'")
+  return TextFiles(paths)
+
+
 def _jsonl(spec: str, paths: list[str], text_field: str) -> Any:
   paths = [p for p in paths if INDEX_MARK not in os.path.basename(p)]  # when a glob or directory also matches our indexes
   compressed = [p.endswith((".gz", ".zst")) for p in paths]
@@ -167,7 +179,7 @@ def open_source(spec: str, text_field: str = "text") -> Any:
   elif sep and kind == "arrayrecord":
     source = ArrayRecords(_match(rest, spec))
   else:
-    source = TextFiles(_match(spec, spec))
+    source = _text_files(spec)
   if len(source) == 0 or not any(_has_text(source[i]) for i in range(min(len(source), 64))):
     raise ConfigError(f"data source '{spec}' has no text")
   return source

@@ -53,6 +53,11 @@ def test_source_errors_name_the_problem(tmp_path):
     data.open_source(f"jsonl:{bad}", text_field="body")
   with pytest.raises(ConfigError, match=r"^.*bad.jsonl: not ArrayRecord files \(.+\)$"):
     data.open_source(f"arrayrecord:{bad}")
+  # Records given as plain text would train as their raw JSON (or compressed bytes)
+  with pytest.raises(ConfigError, match=f"^data source '{bad}' matches {bad}, a file of jsonl records that would train as plain text; name the format: 'jsonl:{bad}'$"):
+    data.open_source(str(bad))
+  with pytest.raises(ConfigError, match="a file of jsonl records"):
+    data.open_source(str(tmp_path))  # a directory that holds some
 
 
 def test_records_that_are_not_clean_utf8_are_read_as_text_files_are(tmp_path, tokenizer):
