@@ -6,7 +6,6 @@ Rerunning the same command on the same work directory resumes from its newest re
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from lm import config, data, distributed, flops, metrics, resume, sharding
 from lm.checkpoint import Checkpoints, run_meta, run_step, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.model import count_params
-from lm.tokenizer import Tokenizer, check_trained_as, file_digest, train as train_tokenizer
+from lm.tokenizer import Tokenizer, check_trained_as, file_digest, train as train_tokenizer, write_file
 from lm.train import Steps, TrainState
 
 
@@ -55,20 +54,27 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
     tokenizer = Tokenizer(cfg.tokenizer.path)
     # The run keeps a copy, which outlives a moved original; a fresh run's replaces an earlier attempt's.
     if jax.process_index() == 0 and (not path.exists() or fresh and file_digest(path) != tokenizer.sha256):
-      shutil.copyfile(tokenizer.path, path)
+      write_file(path, Path(tokenizer.path).read_bytes())
     return tokenizer
-  if not path.exists() and inherited is not None:
+  # Process 0 looks for the copy, for all: a process that looked after it copied would skip the barrier.
+  exists = distributed.from_first(path.exists())
+  if not exists and inherited is not None:
     if jax.process_index() == 0:
-      shutil.copyfile(inherited, path)
+      write_file(path, inherited.read_bytes())
     multihost_utils.sync_global_devices("tokenizer copied")
-  if path.exists():
+  if exists or inherited is not None:
     tokenizer = Tokenizer(path)
     if fresh and inherited is None:  # a run with checkpoints has the resume checks instead
       check_trained_as(tokenizer, cfg.tokenizer)
     return tokenizer
+  error = None
   if jax.process_index() == 0:
-    train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, path)
-  multihost_utils.sync_global_devices("tokenizer trained")
+    try:
+      train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, path)
+    except ConfigError as e:
+      error = str(e)
+  if error := distributed.from_first(error):  # every process stops with process 0's reason
+    raise ConfigError(error)
   return Tokenizer(path)
 
 

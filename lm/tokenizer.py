@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -129,7 +130,13 @@ def train(docs: Iterable[str], cfg: TokenizerConfig, path: str | Path) -> Tokeni
     raise ConfigError(f"tokenizer.vocab_size={cfg.vocab_size} is too small for a char tokenizer of this text: its "
                       f"{trained.vocab_size() - BYTE_PIECES - SPECIAL_PIECES} characters, {BYTE_PIECES} byte-fallback and "
                       f"{SPECIAL_PIECES} special pieces need tokenizer.vocab_size={trained.vocab_size()} or more")
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(model.getvalue())
+  write_file(Path(path), model.getvalue())
   return Tokenizer(path)
+
+
+def write_file(path: Path, data: bytes) -> None:
+  """Whole or not at all: a run killed while writing leaves no cut-short tokenizer to be taken up later."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  part = path.with_name(f"{path.name}.part{os.getpid()}")
+  part.write_bytes(data)
+  part.replace(path)

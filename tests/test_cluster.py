@@ -154,7 +154,7 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tok
   assert "error: process 1 runs other settings than process 0: documents.train: [18] on process 0, [19] here" in errors[1]
 
 
-def test_unreachable_coordinator_and_mesh_that_does_not_fit(tmp_path):
+def test_start_up_errors_are_one_line_on_every_process(tmp_path):
   env = {**child_env(1, 2, 2, free_port()), "LM_DISTRIBUTED_TIMEOUT": "5"}
   out = subprocess.run([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "run"), *SETTINGS],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -167,3 +167,13 @@ def test_unreachable_coordinator_and_mesh_that_does_not_fit(tmp_path):
   stdout, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 1
   assert "[p0] error: mesh data=3 fsdp=1 tensor=1 needs 3 devices, but 8 are available" in stderr
+  # A tokenizer that process 0 alone trains, and cannot: every process stops with its reason (the
+  # others waited for it at a barrier)
+  (tmp_path / "few").mkdir()
+  for i in range(3):
+    (tmp_path / "few" / f"{i}.txt").write_text(f"a short document {i}\n")
+  proc = cluster(tmp_path / "fresh", f"data.source={tmp_path / 'few'}", "tokenizer.vocab_size=4000")
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 1
+  for p in (0, 1):
+    assert re.search(rf"^\[p{p}\] error: cannot train a bpe tokenizer with tokenizer.vocab_size=4000: ", stderr, re.M), stderr
