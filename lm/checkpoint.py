@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lm import distributed
 from lm.config import CheckpointConfig, ConfigError
 from lm.tokenizer import file_digest
 
@@ -264,7 +265,7 @@ def open_run(workdir: str | Path, step: int | None = None) -> tuple[Checkpoints,
   if not (workdir / "checkpoints").is_dir():
     raise ConfigError(f"work directory '{workdir}' has no checkpoints/; train there first")
   ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
-  steps = ckpts.steps()
+  steps = distributed.from_first(ckpts.steps())  # one listing: hosts that listed apart would mix two steps' weights
   if not steps or (step is not None and step not in steps):
     ckpts.close()
     wanted = "no complete checkpoint" if step is None else f"no checkpoint at step {step}"

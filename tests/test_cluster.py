@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,21 @@ def test_two_processes_sample_what_one_process_samples(single, tmp_path):
   assert "[p0] mesh: {'data': 2, 'fsdp': 1, 'tensor': 2}" in done.stderr and "[p1] mesh" not in done.stderr
   header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
   want = Sampler.from_workdir(single).generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)
+  assert sorted((r["index"], r["token_ids"]) for r in rows) == [(i, c.token_ids) for i, c in enumerate(want)]
+  # Hosts whose listings differ (a step committed between them): process 0's newest is every process's
+  for p in (0, 1):
+    shutil.copytree(single, tmp_path / f"host{p}" / "run")
+  shutil.rmtree(tmp_path / "host0" / "run" / "checkpoints" / "8")
+  port = free_port()
+  cmd = [sys.executable, "-m", "launch.sample", "--workdir", "run", "--prompts", str(tmp_path / "p.jsonl"),
+         "--max-new-tokens", "8", "--batch-size", "2", "--temperature", "0.8", "--seed", "3", "--output", str(tmp_path / "lag.jsonl")]
+  procs = [subprocess.Popen(cmd, cwd=tmp_path / f"host{p}", env=child_env(p, 2, 2, port) | {"PYTHONPATH": str(ROOT)},
+                            text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for p in (0, 1)]
+  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], errors
+  header, *rows = [json.loads(line) for line in (tmp_path / "lag.jsonl").read_text().splitlines()]
+  want = Sampler.from_workdir(single, step=4).generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)
+  assert header["settings"]["step"] == 4
   assert sorted((r["index"], r["token_ids"]) for r in rows) == [(i, c.token_ids) for i, c in enumerate(want)]
 
 
