@@ -82,7 +82,7 @@ def copy_instead(cfg: Config, copy: Path, saved: dict[str, Any]) -> bool:
   """Resuming with the run's own tokenizer.path setting, where that file is gone or was retrained in
   place: the run's copy, if it is the tokenizer the checkpoint recorded. (A tokenizer.path changed
   since, a moved file's new place, is taken as it is, and the resume checks its SHA-256.)"""
-  recorded, given = saved["tokenizer"]["sha256"], Path(cfg.tokenizer.path)
+  recorded, given = saved["tokenizer"]["sha256"], Path(cfg.tokenizer.path).expanduser()
   return (bool(cfg.tokenizer.path) and saved["config"]["tokenizer"]["path"] == cfg.tokenizer.path
           and copy.exists() and file_digest(copy) == recorded and not (given.exists() and file_digest(given) == recorded))
 
@@ -284,11 +284,12 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   train_docs, val_docs = data.split(cfg.data)
   inherited = run_tokenizer(run_step(init_from)[0], *source[1:]) if source else data.cache_tokenizer(cfg.data)
   tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not ckpts.steps(), saved=newest_meta(ckpts))
+  documents = data.document_counts(train_docs, val_docs)
+  # and the same data and tokenizer: a host whose listing lags (a shard still being copied) would read
+  # other documents, one with its own file at tokenizer.path would cut them into other tokens
+  distributed.check_same_config(config.to_dict(cfg) | {"documents": documents, "tokenizer_sha256": tokenizer.sha256})
   data.check_tokenizer(cfg.data, tokenizer)
   resolve_vocab(cfg, tokenizer)
-  documents = data.document_counts(train_docs, val_docs)
-  # and the same data: a host whose listing lags (a shard still being copied) would read other documents
-  distributed.check_same_config(config.to_dict(cfg) | {"documents": documents})
   meta = run_meta(config.to_dict(cfg), tokenizer.path)
   if source is not None:
     resume.check_init_from(init_from, source[2], cfg, meta)
@@ -300,7 +301,7 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   window = data.shuffle_window(cfg.data, t.batch_size, t.seq_len)
   train_iter = iter(data.batches(train_docs, tokenizer, seed=t.seed, shuffle_window=window, workers=cfg.data.workers, **stream))
   writer = metrics.MetricsWriter(workdir, t.steps, enabled=lead)
-  if cfg.tokenizer.path and tokenizer.path != Path(cfg.tokenizer.path):
+  if cfg.tokenizer.path and tokenizer.path != Path(cfg.tokenizer.path).expanduser():
     writer.say(f"tokenizer.path {cfg.tokenizer.path} is gone or retrained since this run was trained with it; "
                f"it goes on with its copy, {tokenizer.path}")
   if cfg.data.workers and data.token_ids(train_docs):

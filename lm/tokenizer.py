@@ -21,7 +21,7 @@ def file_digest(path: str | Path) -> str:
 
 class Tokenizer:
   def __init__(self, path: str | Path):
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
       raise ConfigError(f"tokenizer.path '{path}' does not exist; point it at a sentencepiece .model or leave it empty to train one")
     self.path = path

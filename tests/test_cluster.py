@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from launch.local_cluster import child_env, free_port
+from lm.tokenizer import file_digest
 from tests.conftest import ROOT, run_trainer, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -146,7 +147,7 @@ def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
           "resume with the mesh settings it was saved with") in stderr, stderr
 
 
-def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tokenizer):
+def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tokenizer, shared_data):
   port = free_port()
   procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "run"), *SETTINGS,
                              f"train.steps={8 + p}"], cwd=ROOT, env=child_env(p, 2, 2, port), text=True,
@@ -168,6 +169,17 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tok
   errors = [proc.communicate(timeout=300)[1] for proc in procs]
   assert [proc.returncode for proc in procs] == [1, 1]
   assert "error: process 1 runs other settings than process 0: documents.train: [18] on process 0, [19] here" in errors[1]
+  # the same tokenizer.path, another file behind it (a host-local copy left from another run)
+  shutil.copyfile(tokenizer.path, tmp_path / "host0" / "tok.model")
+  shutil.copyfile(shared_data / "c4_en_32k_sentencepiece.model", tmp_path / "host1" / "tok.model")
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "tok-run"), *SETTINGS,
+                             "tokenizer.path=~/tok.model"], cwd=ROOT, env=child_env(p, 2, 2, port) | {"HOME": str(tmp_path / f"host{p}")},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
+  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [1, 1]
+  assert (f"error: process 1 runs other settings than process 0: tokenizer_sha256: '{file_digest(tokenizer.path)}' on process 0, "
+          f"'{file_digest(shared_data / 'c4_en_32k_sentencepiece.model')}' here") in errors[1]
 
 
 def test_start_up_errors_are_one_line_on_every_process(tmp_path):
