@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="a training run's work directory")
   parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--prompt", help="one prompt")
+  source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
   source.add_argument("--prompts", help="JSON lines with a \"prompt\" field")
   parser.add_argument("--max-new-tokens", type=int, default=128)
   parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
   import jax
 
   from lm import distributed, jobs, kv_cache, speculative  # after argument parsing, so --help needs no jax
+  from lm.formats import utf8  # what the shell passes of bytes that are not UTF-8 (lone surrogates) as '?'
   from lm.quantize import check as check_quantize
   from lm.sampler import Knobs, Sampler, check_sampling
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.draft_tokens is not None and not (args.draft or args.speculate):
       raise ConfigError(f"--draft-tokens={args.draft_tokens} needs --draft DIR or --speculate ngram")
     draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
-    prompts = [args.prompt] if args.prompt is not None else jobs.read_prompts(args.prompts)
+    prompts = [utf8(p) for p in args.prompt] if args.prompt is not None else jobs.shared_prompts(args.prompts)
     sampler = Sampler.from_workdir(args.workdir, args.step, overrides=args.overrides, quantize=args.quantize,
                                    kv=args.kv_cache, sharing=[speculative.draft_model(args.draft)] if args.draft else [])
     if args.draft or args.speculate:

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
   from absl import logging
 
   from lm import distributed, loop, sampler  # after argument parsing, so --help needs no jax
+  from lm.formats import utf8  # what the shell passes of bytes that are not UTF-8 (lone surrogates) as '?'
 
   logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     return 130
   if args.sample_prompt and int(state.step) == cfg.train.steps:
     try:
-      completion = sampler.generate(args.workdir, [args.sample_prompt], max_new_tokens=min(200, cfg.model.max_seq_len // 2),
+      completion = sampler.generate(args.workdir, [utf8(args.sample_prompt)], max_new_tokens=min(200, cfg.model.max_seq_len // 2),
                                     temperature=0.7, top_p=0.95)[0]
     except ConfigError as e:  # the run is trained and saved; only the sample is not to be had
       print(f"no sample: {e}", file=sys.stderr)

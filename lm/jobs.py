@@ -26,7 +26,7 @@ def read_prompts(path: str) -> list[str]:
   if not file.is_file():
     raise ConfigError(f"--prompts file '{path}' {'is a directory' if file.is_dir() else 'does not exist'}")
   try:
-    text = file.read_text()
+    text = file.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first prompt
   except UnicodeDecodeError as e:
     raise ConfigError(f"--prompts file '{path}' is not UTF-8 text (byte {e.start})") from None
   except OSError as e:
@@ -45,6 +45,20 @@ def read_prompts(path: str) -> list[str]:
     prompts.append(utf8(prompt))
   if not prompts:
     raise ConfigError(f"--prompts file '{path}' has no prompts")
+  return prompts
+
+
+def shared_prompts(path: str) -> list[str]:
+  """The prompts every process reads, alike: a host whose copy differs or that cannot read it (its own
+  disk) stops them all with one line, where it alone would fail and leave the others waiting."""
+  try:
+    prompts = read_prompts(path)
+    seen = prompts_digest(prompts)
+  except ConfigError as e:
+    prompts, seen = [], f"unreadable: {e}"
+  distributed.check_same_config({"prompts": seen})
+  if not prompts:
+    raise ConfigError(seen.removeprefix("unreadable: "))
   return prompts
 
 

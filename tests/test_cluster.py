@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from launch.local_cluster import child_env, free_port
+from lm import jobs
 from lm.tokenizer import file_digest
 from tests.conftest import ROOT, run_trainer, tiny_overrides
 
@@ -87,6 +88,17 @@ def test_two_processes_sample_what_one_process_samples(single, tmp_path):
   want = Sampler.from_workdir(single, step=4).generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)
   assert header["settings"]["step"] == 4
   assert sorted((r["index"], r["token_ids"]) for r in rows) == [(i, c.token_ids) for i, c in enumerate(want)]
+  # Prompts files of their own (a relative path on each host's disk) that differ: one line, on every process
+  for p in (0, 1):
+    (tmp_path / f"host{p}" / "p.jsonl").write_text(json.dumps({"prompt": f"host {p}"}) + "\n")
+  port = free_port()
+  cmd[cmd.index("--prompts") + 1], cmd[cmd.index("--output") + 1] = "p.jsonl", str(tmp_path / "differ.jsonl")
+  procs = [subprocess.Popen(cmd, cwd=tmp_path / f"host{p}", env=child_env(p, 2, 2, port) | {"PYTHONPATH": str(ROOT)},
+                            text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for p in (0, 1)]
+  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [1, 1], errors
+  digests = [jobs.prompts_digest([f"host {p}"]) for p in (0, 1)]
+  assert errors[1].splitlines()[-1] == f"error: process 1 runs other settings than process 0: prompts: '{digests[0]}' on process 0, '{digests[1]}' here"
 
 
 OPEN_OUTPUT = """

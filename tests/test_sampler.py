@@ -461,7 +461,7 @@ class Terminal(io.StringIO):
 @pytest.mark.slow
 def test_cli_edges(one_step_run, tmp_path, monkeypatch, capsys):
   """In process: a bad stop token is refused before --output records it (the corrected rerun is not
-  refused); out-of-range knobs are one line; the progress bar keeps off a terminal that shows the
+  refused); out-of-range knobs are one line; --prompt repeats; the progress bar keeps off a terminal that shows the
   completions; a closed stdout (`| head`) ends the job quietly."""
   from launch.sample import main
   out = tmp_path / "out.jsonl"
@@ -475,8 +475,12 @@ def test_cli_edges(one_step_run, tmp_path, monkeypatch, capsys):
                         (["--draft-tokens", "3"], "--draft-tokens=3 needs --draft DIR or --speculate ngram")):
     assert main([*run, *args]) == 1
     assert capsys.readouterr().err == f"error: {message}\n"
-  prompts = tmp_path / "p.jsonl"
-  prompts.write_text("".join(json.dumps({"prompt": f"def f{i}():"}) + "\n" for i in range(3)))
+  both = tmp_path / "both.jsonl"  # --prompt twice, the second with a byte that is not UTF-8 (as the shell passes it)
+  assert main(["--workdir", str(one_step_run), "--prompt", "def f(x):", "--prompt", "caf\udce9", "--max-new-tokens", "2",
+               "--output", str(both)]) == 0
+  assert sorted((r["index"], r["prompt"]) for r in map(json.loads, both.read_text().splitlines()[1:])) == [(0, "def f(x):"), (1, "caf?")]
+  prompts = tmp_path / "p.jsonl"  # with a byte-order mark, as some editors save
+  prompts.write_text("\ufeff" + "".join(json.dumps({"prompt": f"def f{i}():"}) + "\n" for i in range(3)))
   many = ["--workdir", str(one_step_run), "--prompts", str(prompts), "--max-new-tokens", "4"]
   for output, bar in (([], False), (["--output", str(tmp_path / "bar.jsonl")], True)):
     stdout, stderr = Terminal(), Terminal()
