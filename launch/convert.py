@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"interrupted: {args.out if args.to_hf else args.workdir} may hold part of the conversion; remove it, then rerun",
+          file=sys.stderr)
+    return 130
   return 0
 
 

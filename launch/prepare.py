@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"interrupted: the same command goes on from the shards written so far in {args.out}", file=sys.stderr)
+    return 130
   print(f"{args.out}: {index['documents']:,} documents, {index['tokens']:,} tokens; train with data.source=tokens:{args.out}")
   return 0
 

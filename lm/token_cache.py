@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def _shard_paths(out: Path, s: int) -> tuple[Path, Path]:
 
 
 def _start_worker(docs: Any, tokenizer_path: str, out: Path, shard_docs: int) -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent's to handle, by ending the pool
   _worker.update(docs=docs, tokenizer=Tokenizer(tokenizer_path), out=out, shard_docs=shard_docs)
 
 

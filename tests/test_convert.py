@@ -15,7 +15,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from launch.convert import main as convert_main
-from lm import config, data, loop, sharding
+from lm import config, convert, data, loop, sharding
 from lm.checkpoint import Checkpoints
 from lm.config import ConfigError, TokenizerConfig
 from lm.convert import from_hf, to_hf, write_run
@@ -194,7 +194,7 @@ def test_weights_that_do_not_fit_the_model_are_refused(tokenizer, tmp_path):
   from_hf(hf_dir, tmp_path / "run")
 
 
-def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys):
+def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
   def fails(*argv):
     assert convert_main(list(argv)) == 1
     err = capsys.readouterr().err
@@ -241,3 +241,9 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys):
   with pytest.raises(SystemExit):
     convert_main(["--to-hf", "--workdir", str(tmp_path / "run")])
   assert "--to-hf needs --out HF_DIR" in capsys.readouterr().err
+  def interrupted(*_):
+    raise KeyboardInterrupt  # Ctrl-C while it converts
+
+  monkeypatch.setattr(convert, "from_hf", interrupted)
+  assert convert_main(["--from-hf", str(hf_dir), "--workdir", str(tmp_path / "r3")]) == 130
+  assert capsys.readouterr().err == f"interrupted: {tmp_path / 'r3'} may hold part of the conversion; remove it, then rerun\n"

@@ -385,6 +385,28 @@ def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer
     token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), tokenizer, tmp_path / "txt", workers=1, shard_docs=4)
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_prepare_and_its_workers_in_one_line(tmp_path, tokenizer):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from tests.conftest import ROOT
+  terminal = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from launch.prepare import main; sys.exit(main())"
+  out = tmp_path / "cache"
+  job = subprocess.Popen([sys.executable, "-c", terminal, "--quiet", "--out", str(out), "--workers", "2", "--shard-docs", "2",
+                          "data.source=stdlib", f"tokenizer.path={tokenizer.path}"], cwd=ROOT, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+  while job.poll() is None and len(list(out.glob("*.offsets.npy"))) < 3:
+    time.sleep(0.05)
+  os.killpg(job.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the workers too
+  _, stderr = job.communicate(timeout=120)
+  assert job.returncode == 130 and "Traceback" not in stderr, stderr
+  assert stderr.strip().splitlines() == [f"interrupted: the same command goes on from the shards written so far in {out}"]
+
+
 def test_prepare_refuses_what_it_would_not_make_in_one_line(tmp_path, capsys):
   from launch.prepare import main
   (tmp_path / "file").write_text("x")
