@@ -4,7 +4,7 @@ python -m launch.tpu_pod --tpu NAME --zone ZONE [--project P] [--run-name NAME] 
 Ships the files git lists here (tracked and untracked, not ignored: no .git, no run directories) as
 one archive to every worker, replaces the worker's ~/lm with them (keeping its runs/), installs it
 with the TPU extra, then starts the same command on all workers at once, detached from the ssh
-session, each worker writing its output to ~/lm-logs/RUN_NAME.log. Each worker's JAX finds the
+session, each worker appending its output to ~/lm-logs/RUN_NAME.log. Each worker's JAX finds the
 others itself (LM_DISTRIBUTED=auto). The work directory must be storage every worker sees (a
 Filestore/NFS mount, or a gcsfuse-mounted bucket).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -32,6 +33,8 @@ RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 def shipped_files(root: Path) -> list[str]:
   """What git sees in the working tree, edits not yet committed included."""
+  if not shutil.which("git"):
+    raise SystemExit("error: launch.tpu_pod ships the files git lists, but git is not on PATH")
   out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                        capture_output=True, text=True)
   if out.returncode:
@@ -58,7 +61,7 @@ def commands(tpu: str, zone: str, project: str | None, command: list[str], archi
   install = f"{unpack()} && cd {REMOTE_DIR} && python3 -m pip install -q -e '.[tpu]'"
   # setsid + nohup with every stream redirected: ssh returns at once and a dropped connection leaves the run alive
   run = (f"mkdir -p ~/{LOGS} && cd {REMOTE_DIR} && LM_DISTRIBUTED=auto setsid nohup "
-         f"{shlex.join(python_module(command))} > {log} 2>&1 < /dev/null &")
+         f"{shlex.join(python_module(command))} >> {log} 2>&1 < /dev/null &")  # a relaunch keeps the last run's end
   return [
       ["gcloud", "compute", "tpus", "tpu-vm", "scp", *where, "--worker=all", archive, f"{tpu}:~/{ARCHIVE}"],
       [*ssh, install],
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
   command = entry_command(parser, args.command)
   if problem := check(command, args.run_name):
     parser.exit(2, f"error: {problem}\n")
+  if not args.dry_run and not shutil.which("gcloud"):
+    parser.exit(1, "error: gcloud is not on PATH; install the Google Cloud CLI, or see the commands with --dry-run\n")
   files = shipped_files(ROOT)
   where = ["--zone", args.zone] + (["--project", args.project] if args.project else [])
   follow = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, *where, "--worker=0", "--command",

@@ -34,8 +34,10 @@ def test_tpu_pod_dry_run_ships_an_archive_that_replaces_the_tree_and_runs_detach
   assert "pip install -q -e" in install and ".[tpu]" in install
   assert run.endswith("'mkdir -p ~/lm-logs && cd lm && LM_DISTRIBUTED=auto setsid nohup python3 -m launch.train "
                       "--config configs/7b.yaml --workdir /mnt/runs/7b train.learning_rate=1e-4 "
-                      "> ~/lm-logs/r1.log 2>&1 < /dev/null &'")
+                      ">> ~/lm-logs/r1.log 2>&1 < /dev/null &'")  # a relaunch of r1 (a resume) keeps what ended the last
   assert follow.endswith("--worker=0 --command 'tail -f ~/lm-logs/r1.log'")
+  without = launch("tpu_pod", "--tpu", "pod7", "--zone", "z", "--", "train", "--workdir", "/mnt/r", env={"PATH": "/nonexistent"})
+  assert (without.returncode, without.stderr) == (1, "error: gcloud is not on PATH; install the Google Cloud CLI, or see the commands with --dry-run\n")
 
 
 def test_tpu_pod_refuses_output_that_the_next_launch_would_delete(capsys):
