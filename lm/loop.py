@@ -315,6 +315,8 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   elif cfg.profile.steps and cfg.profile.start_step <= start:
     writer.say(f"profile.start_step={cfg.profile.start_step} is not after step {start}, where this run resumes: "
                f"nothing is traced (set a later step)")
+  elif cfg.profile.steps and cfg.profile.start_step > t.steps:
+    writer.say(f"profile.start_step={cfg.profile.start_step} is after train.steps={t.steps}: nothing is traced (set an earlier step)")
   writer.begin(start)
   if lead:
     config.save(cfg, workdir / "config.yaml")  # only once the checkpoint accepted these settings

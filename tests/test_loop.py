@@ -171,10 +171,12 @@ def test_resuming_over_data_that_gained_a_document_is_refused(tmp_path, tokenize
   assert int(run(3).step) == 3
 
 
-def test_a_resumed_run_past_its_profile_steps_says_nothing_is_traced(tmp_path, tokenizer, capsys):
-  run = lambda steps: loop.run(config.load("configs/tiny.yaml", tiny_overrides(**{
+def test_profile_steps_outside_the_run_say_nothing_is_traced(tmp_path, tokenizer, capsys):
+  run = lambda steps, name="run": loop.run(config.load("configs/tiny.yaml", tiny_overrides(**{
       "tokenizer.path": tokenizer.path, "train.steps": steps, "train.warmup_steps": 1, "profile.steps": 1,
-      "profile.start_step": 2})), tmp_path / "run")
+      "profile.start_step": 2})), tmp_path / name)
+  run(1, "short")
+  assert "profile.start_step=2 is after train.steps=1: nothing is traced (set an earlier step)" in capsys.readouterr().out
   run(2)
   assert (tmp_path / "run" / "profile" / "process_0").is_dir()
   capsys.readouterr()
