@@ -249,6 +249,20 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+class UniqueKeys(yaml.SafeLoader):
+  """Refuses a key given twice in one section: PyYAML keeps the last, so a second `train:` section
+  would silently undo the first."""
+
+  def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+      key = self.construct_object(key_node, deep=deep)
+      if key in seen:
+        raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+      seen.add(key)
+    return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
   """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML)."""
   cfg, keys = Config(), all_keys()
@@ -257,9 +271,12 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
     if not path.is_file():
       raise ConfigError(f"config file '{path}' does not exist")
     try:
-      settings = yaml.safe_load(path.read_text()) or {}
+      with path.open(encoding="utf-8") as f:  # its name, not "<unicode string>", in PyYAML's messages
+        settings = yaml.load(f, Loader=UniqueKeys) or {}
     except yaml.YAMLError as e:
       raise ConfigError(f"config file '{path}' is not valid YAML ({' '.join(str(e).split())})") from None
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"config file '{path}' cannot be read ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(settings, dict):
       raise ConfigError(f"config file '{path}' holds a {type(settings).__name__}, not sections of key: value settings")
     for k, v in flatten(settings).items():

@@ -65,6 +65,12 @@ def test_a_config_file_that_is_not_sections_of_settings_is_one_line(tmp_path):
   path.write_text("train: [steps\n")
   with pytest.raises(ConfigError, match=f"^config file '{path}' is not valid YAML \\(.*\\)$"):
     config.load(path)
+  path.write_text("train:\n  steps: 9\nmodel:\n  d_model: 64\ntrain:\n  batch_size: 4\n")  # the second would undo steps
+  with pytest.raises(ConfigError, match=f"^config file '{path}' is not valid YAML \\('train' is given twice in \"{path}\", line 5, column 1\\)$"):
+    config.load(path)
+  path.write_bytes(b"train:\n  steps: 9 # caf\xe9\n")
+  with pytest.raises(ConfigError, match=f"^config file '{path}' cannot be read \\('utf-8' codec can't decode byte 0xe9 .*\\)$"):
+    config.load(path)
 
 
 def test_unknown_key_in_a_file_is_reported(tmp_path):
