@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lm import config, data, token_cache
 from lm.config import ConfigError
+from lm.files import writable_dir
 from lm.tokenizer import Tokenizer, check_trained_as, train as train_tokenizer
 
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.mixture or cfg.data.val_source:
       raise ConfigError("lm-prepare tokenizes data.source alone; prepare each source of data.mixture (or data.val_source) into its own cache")
     docs = data.documents(cfg.data.source, cfg.data.text_field)
+    writable_dir(out, "--out directory")  # before the tokenizer and the tokens, not after
     if cfg.tokenizer.path:
       tokenizer = Tokenizer(cfg.tokenizer.path)
     elif (out / "tokenizer.model").exists():  # trained by an earlier attempt

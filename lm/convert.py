@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 from lm import config, data
 from lm.checkpoint import Checkpoints, open_run, run_meta, run_tokenizer
 from lm.config import Config, ConfigError, ModelConfig, head_dim
+from lm.files import writable_dir
 from lm.params import abstract_model
 from lm.tokenizer import Tokenizer
 from lm.train import TrainState, decay_mask, optimizer
@@ -176,6 +177,15 @@ def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
 def _check_new(path: Path, what: str) -> None:
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise ConfigError(f"{what} '{path}' already exists and is not an empty directory; choose a new one")
+  writable_dir(path, what)  # before the weights are read, not after
+
+
+def _writing(path: Path, write: Callable[[], Any]) -> Any:
+  """A write that fails for want of space or access is one line, naming the directory it left in part."""
+  try:
+    return write()
+  except OSError as e:
+    raise ConfigError(f"writing '{path}' failed ({e.strerror or e}); it holds part of the conversion: remove it, then rerun") from None
 
 
 def run_config(m: ModelConfig, tokenizer: Tokenizer) -> Config:
@@ -238,7 +248,8 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
       raise ConfigError(f"{where}: {key}={json.dumps(theirs)} is not {tokenizer.path.name}'s ({ours}); we start and stop "
                         f"sequences at the tokenizer's ids, so such a model is not supported")
   cfg = run_config(m, tokenizer)
-  write_run(workdir, cfg, read_params(hf_dir, m), tokenizer.path)
+  params = read_params(hf_dir, m)
+  _writing(workdir, lambda: write_run(workdir, cfg, params, tokenizer.path))
   return cfg
 
 
@@ -286,8 +297,11 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
   params = ckpts.restore_params(step, targets)
   ckpts.close()
   tokenizer = Tokenizer(run_tokenizer(workdir, step, meta))
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(hf_config(cfg.model, tokenizer), indent=2))
-  shutil.copyfile(tokenizer.path, out / "tokenizer.model")
-  write_tensors(out, params, cfg.model, shard_bytes)
+  _writing(out, lambda: write_hf(out, cfg.model, tokenizer, params, shard_bytes))
   return step
+
+
+def write_hf(out: Path, m: ModelConfig, tokenizer: Tokenizer, params: dict[str, Any], shard_bytes: int) -> None:
+  (out / "config.json").write_text(json.dumps(hf_config(m, tokenizer), indent=2))
+  shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+  write_tensors(out, params, m, shard_bytes)

@@ -20,7 +20,8 @@ from lm import config, data, distributed, flops, metrics, resume, sharding
 from lm.checkpoint import Checkpoints, run_meta, run_step, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.model import count_params
-from lm.tokenizer import Tokenizer, check_trained_as, file_digest, train as train_tokenizer, write_file
+from lm.files import writable_dir, write_file
+from lm.tokenizer import Tokenizer, check_trained_as, file_digest, train as train_tokenizer
 from lm.train import Steps, TrainState
 
 
@@ -31,15 +32,7 @@ class TrainingError(RuntimeError):
 def prepare_workdir(path: str | Path) -> Path:
   if not str(path).strip():
     raise ConfigError("--workdir is empty")  # Path("") would be the current directory
-  workdir = Path(path)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write-test-{jax.process_index()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise ConfigError(f"work directory '{workdir}' is not writable: {e.strerror or e}") from None
-  return workdir
+  return writable_dir(Path(path), "work directory")
 
 
 def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None = None, fresh: bool = True,

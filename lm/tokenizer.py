@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from lm.config import ConfigError, TokenizerConfig
+from lm.files import write_file
 
 
 def file_digest(path: str | Path) -> str:
@@ -133,10 +133,3 @@ def train(docs: Iterable[str], cfg: TokenizerConfig, path: str | Path) -> Tokeni
   write_file(Path(path), model.getvalue())
   return Tokenizer(path)
 
-
-def write_file(path: Path, data: bytes) -> None:
-  """Whole or not at all: a run killed while writing leaves no cut-short tokenizer to be taken up later."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  part = path.with_name(f"{path.name}.part{os.getpid()}")
-  part.write_bytes(data)
-  part.replace(path)

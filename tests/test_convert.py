@@ -212,6 +212,10 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
   assert "has no checkpoints/" in fails("--to-hf", "--workdir", str(tmp_path / "hf"), "--out", str(tmp_path / "out"))
   assert f"output directory '{tmp_path / 'taken'}' already exists and is not an empty directory" in fails(
       "--to-hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "taken"))
+  beneath = tmp_path / "taken" / "file" / "new"  # a directory that cannot be made (as unwritable as root gets)
+  assert f"output directory '{beneath}' is not writable: Not a directory" in fails(
+      "--to-hf", "--workdir", str(tmp_path / "run"), "--out", str(beneath))
+  assert f"work directory '{beneath}' is not writable: Not a directory" in fails("--from-hf", str(hf_dir), "--workdir", str(beneath))
   (hf_dir / "config.json").write_text(json.dumps(hf_config(eos_token_id=[7, 9])))  # an added chat token ends it
   assert f"{hf_dir / 'config.json'}: eos_token_id=[7, 9] is not tokenizer.model's ({tokenizer.eos_id}); we start and stop" in fails(
       "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
@@ -221,7 +225,17 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
             tokenizer.path)
   assert "not model.d_model=64 over model.num_heads=5; this run cannot be exported" in fails(
       "--to-hf", "--workdir", str(tmp_path / "odd"), "--out", str(tmp_path / "odd-hf"))
-  assert not (tmp_path / "odd-hf").exists()
+
+  def full_disk(*_):
+    raise OSError(28, "No space left on device")
+
+  fine = config.load(None, tiny_overrides(**{"model.vocab_size": 512}))
+  write_run(tmp_path / "fine", fine, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.to_pure_dict(abstract_model(fine.model)[1])),
+            tokenizer.path)
+  with monkeypatch.context() as m:
+    m.setattr(convert, "write_tensors", full_disk)
+    assert f"writing '{tmp_path / 'hf2'}' failed (No space left on device); it holds part of the conversion: remove it, then rerun" in fails(
+        "--to-hf", "--workdir", str(tmp_path / "fine"), "--out", str(tmp_path / "hf2"))
   (hf_dir / "config.json").write_text(json.dumps(hf_config(vocab_size=500)))
   assert f"has 512 pieces, more than {hf_dir / 'config.json'}'s vocab_size=500" in fails(
       "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))

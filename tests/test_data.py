@@ -416,6 +416,8 @@ def test_prepare_refuses_what_it_would_not_make_in_one_line(tmp_path, capsys):
   assert capsys.readouterr().err == ("error: lm-prepare tokenizes data.source alone; prepare each source of data.mixture "
                                      "(or data.val_source) into its own cache\n")
   assert not (tmp_path / "cache").exists()
+  assert main(["--out", str(tmp_path / "file" / "cache"), "--quiet", "tokenizer.path=none.model"]) == 1  # before training a tokenizer
+  assert capsys.readouterr().err == f"error: --out directory '{tmp_path / 'file' / 'cache'}' is not writable: Not a directory\n"
 
 
 def test_prepare_checks_its_directory_and_tokenizer_before_training_one(tmp_path, capsys, tokenizer):
@@ -444,8 +446,7 @@ def test_prepare_trains_its_tokenizer_on_the_documents_training_will_read(tmp_pa
 
   def train_tokenizer(docs, cfg, path):
     seen.extend(docs)
-    path.parent.mkdir()
-    shutil.copyfile(tokenizer.path, path)
+    shutil.copyfile(tokenizer.path, path)  # into the --out directory lm-prepare made
     return type(tokenizer)(path)
 
   monkeypatch.setattr(prepare, "train_tokenizer", train_tokenizer)
