@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--shard-docs", type=int, default=1024, help="documents per shard")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. data.source='jsonl:web/*.jsonl.zst'")
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)  # settings before or after the flags, as lm-train takes them
   try:
     if args.workers < 1 or args.shard_docs < 1:
       raise ConfigError(f"--workers={args.workers} and --shard-docs={args.shard_docs} must be at least 1")

@@ -76,10 +76,12 @@ def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, wo
           "tokenizer": {"path": str(tokenizer.path.absolute()), "sha256": tokenizer.sha256}}
   index_path = out / "index.json"
   if old := existing(out):
-    same = all(old.get(k) == plan[k] for k in ("format", "source", "documents", "shard_docs"))
-    if not same or old["tokenizer"]["sha256"] != plan["tokenizer"]["sha256"]:
-      raise ConfigError(f"'{out}' holds a token cache of {old.get('source')!r} ({old.get('documents')} documents, "
-                        f"tokenizer {old['tokenizer'].get('path')}); use another directory for {source!r}")
+    differ = [f"{k}: {old.get(k)!r} then, {plan[k]!r} now" for k in ("format", "source", "documents", "shard_docs") if old.get(k) != plan[k]]
+    if old["tokenizer"]["sha256"] != plan["tokenizer"]["sha256"]:
+      differ.append(f"tokenizer: {old['tokenizer'].get('path')} then, {tokenizer.path} now (another SHA-256)")
+    if differ:
+      raise ConfigError(f"'{out}' holds a token cache made otherwise ({'; '.join(differ)}); rerun with those settings, "
+                        f"or use another directory")
   out.mkdir(parents=True, exist_ok=True)
   for leftover in out.glob("*.tmp*"):  # a shard an interrupted run was writing
     leftover.unlink()
@@ -109,7 +111,12 @@ class TokenCache:
     index_path = self.dir / "index.json"
     if not index_path.is_file():
       raise ConfigError(f"data source 'tokens:{folder}' has no index.json; write it with lm-prepare --out {folder}")
-    self.index = json.loads(index_path.read_text())
+    try:
+      self.index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      self.index = None
+    if not isinstance(self.index, dict):
+      raise ConfigError(f"'{index_path}' is not a token cache's index; rerun the lm-prepare command that wrote it, into a new directory")
     if self.index.get("format") != FORMAT or not self.index.get("complete"):
       raise ConfigError(f"token cache '{folder}' is incomplete; rerun the same lm-prepare command to finish it")
     self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # (tokens, offsets), opened on first use

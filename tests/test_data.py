@@ -379,8 +379,14 @@ def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer
   other = Tokenizer(shared_data / "c4_en_32k_sentencepiece.model")
   with pytest.raises(ConfigError, match=r"^token cache '.*cache' was prepared with tokenizer .*t.model, not .*c4_en_32k_sentencepiece.model; set tokenizer.path=.*cache/tokenizer.model or prepare the cache again with this one$"):
     data.check_tokenizer(DataConfig(source=f"tokens:{tmp_path / 'cache'}"), other)
-  with pytest.raises(ConfigError, match=r"^'.*cache' holds a token cache of '.*txt' \(30 documents, tokenizer .*t.model\); use another directory for '.*txt'$"):
+  with pytest.raises(ConfigError, match=r"^'.*cache' holds a token cache made otherwise \(tokenizer: .*t.model then, .*c4_en_32k_sentencepiece.model now \(another SHA-256\)\); rerun with those settings, or use another directory$"):
     token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), other, tmp_path / "cache", workers=1, shard_docs=4)
+  rerun = prepare(f"data.source={tmp_path / 'txt'}", "--out", tmp_path / "cache", "--shard-docs", 8, f"tokenizer.path={tokenizer.path}")
+  assert rerun.returncode == 1 and rerun.stderr == (f"error: '{tmp_path / 'cache'}' holds a token cache made otherwise (shard_docs: 4 then, "
+                                                    f"8 now); rerun with those settings, or use another directory\n")
+  (tmp_path / "cache" / "index.json").write_text('{"format": ')  # a disk that filled up as it was written
+  with pytest.raises(ConfigError, match=r"^'.*cache/index.json' is not a token cache's index; rerun the lm-prepare command that wrote it, into a new directory$"):
+    data.open_source(f"tokens:{tmp_path / 'cache'}")
   with pytest.raises(ConfigError, match=r"^'.*txt' is not empty and holds no token cache; name a new directory$"):
     token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), tokenizer, tmp_path / "txt", workers=1, shard_docs=4)
 
