@@ -55,9 +55,14 @@ def accept(key_u_B: jax.Array, key_r_B: jax.Array, p_BxTxV: jax.Array, q_BxKxV: 
   kept_B = jnp.sum(jnp.cumprod(ok_BxK.astype(jnp.int32), axis=1), axis=1)
   p_BxV = jnp.take_along_axis(p_BxTxV, kept_B[:, None, None], axis=1)[:, 0]
   q_BxV = jnp.take_along_axis(q_BxKxV, jnp.minimum(kept_B, K - 1)[:, None, None], axis=1)[:, 0]
-  residual_BxV = jnp.maximum(p_BxV - jnp.where((kept_B < K)[:, None], q_BxV, 0.0), 0.0)
-  residual_BxV = jnp.where(jnp.sum(residual_BxV, axis=-1, keepdims=True) > 0, residual_BxV, p_BxV)
-  return kept_B, jax.vmap(jax.random.categorical)(key_r_B, jnp.log(residual_BxV))
+  return kept_B, jax.vmap(jax.random.categorical)(key_r_B, jnp.log(residual(p_BxV, q_BxV, kept_B < K)))
+
+
+def residual(p_BxV: jax.Array, q_BxV: jax.Array, rejected_B: jax.Array) -> jax.Array:
+  """What the token after the kept guesses is drawn from: max(0, p - q) after a rejection (normalised
+  by the draw), p itself after none (or where p <= q everywhere)."""
+  residual_BxV = jnp.maximum(p_BxV - jnp.where(rejected_B[:, None], q_BxV, 0.0), 0.0)
+  return jnp.where(jnp.sum(residual_BxV, axis=-1, keepdims=True) > 0, residual_BxV, p_BxV)
 
 
 class Ngram:

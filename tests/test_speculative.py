@@ -120,10 +120,15 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
   history, pos = rng.integers(0, 3, (B, S)).astype(np.int32), rng.integers(0, S - K, B).astype(np.int32)
   state = {"history": jnp.asarray(history), "pos": jnp.asarray(pos)}
   drafts, q, _ = speculative.Ngram().propose(types.SimpleNamespace(vocab=3), {}, state, None, K, None, S)
+  matched = 0
   for b in range(B):
     want = naive_lookup(history[b, :pos[b] + 1].tolist(), K)
-    if want is not None:
-      assert np.asarray(drafts[b]).tolist() == want, (history[b, :pos[b] + 1], drafts[b], want)
+    if want is None:  # no earlier occurrence: the row's own start, repeated
+      want = [int(history[b, k % (pos[b] + 1)]) for k in range(K)]
+    else:
+      matched += 1
+    assert np.asarray(drafts[b]).tolist() == want, (history[b, :pos[b] + 1], drafts[b], want)
+  assert matched > B // 2
   np.testing.assert_array_equal(q, jax.nn.one_hot(drafts, 3))
 
 
@@ -162,15 +167,19 @@ def empirical_first_three(sampler: Sampler, prompt: list[int], n: int, knobs: Kn
 
 def test_sampled_speculation_keeps_the_target_distribution(monkeypatch):
   """Tokens 2 and 3 come from a round of K=2 guesses by a different, smaller model: kept by the rule,
-  redrawn from the residual, or drawn after all were kept. Always accepting gives the draft's tokens."""
+  redrawn from the residual, or drawn after all were kept. Always accepting gives the draft's tokens;
+  redrawing from p after a rejection (not from max(0, p - q)) skews them less, but clearly."""
   target, draft = tiny_vocab_model(0, 2), tiny_vocab_model(1, 1)
   prompt, knobs = [1, 2, 3, 0, 2], Knobs(temperature=0.8, top_k=3, seed=0)
   want = exact_first_three(target, prompt, 0.8, 3)
   tv = {}
-  for rule in ("speculative", "always accept"):
+  for rule in ("speculative", "redraw from p", "always accept"):
+    if rule == "redraw from p":
+      monkeypatch.setattr(speculative, "residual", lambda p, q, rejected: p)
     if rule == "always accept":
       monkeypatch.setattr(speculative, "accepts", lambda u, p, q: jnp.ones_like(u, bool))
     spec = Sampler(target.cfg, target.params, None, target.mesh)
     speculative.speculate(spec, speculative.Draft(draft), 2)
     tv[rule] = 0.5 * np.abs(empirical_first_three(spec, prompt, 4096, knobs) - want).sum()
-  assert tv["speculative"] < 0.06 and tv["always accept"] > 0.15, tv
+  # Seeded, so the figures repeat (measured 0.019, 0.085 and 0.84); a subtler wrong rule is told apart too.
+  assert tv["speculative"] < 0.045 and tv["redraw from p"] > 0.06 and tv["always accept"] > 0.15, tv
