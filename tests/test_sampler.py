@@ -115,7 +115,7 @@ JOB = PROMPTS[:2] + ["x = 1", "for i in range(10):", "return", "# comment\n", "p
 
 def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer):
   """Greedy and seeded top-p; more prompts than slots, rows stopping at different points; two slot
-  counts, two chunk lengths, and static batches."""
+  counts by two chunk lengths, and static batches."""
   sampler = make_sampler(tokenizer)
   graphdef = abstract_model(sampler.cfg.model)[0]
   forward = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens)[0])
@@ -130,7 +130,7 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
     stops = {want[0][3], want[1][6], want[2][1], tokenizer.eos_id}  # rows end at different points
     want = [until_stop(w, stops) for w in want]
     assert len({len(w) for w in want}) > 2
-    for batch_size, chunk, static in [(2, 4, 0), (4, 7, 0), (4, 7, n)]:
+    for batch_size, chunk, static in [(2, 4, 0), (2, 7, 0), (4, 4, 0), (4, 7, 0), (4, 7, n)]:
       sampler.timing = type(sampler.timing)()
       got = list(sampler.run(sampler.requests(JOB, 1, n), Knobs(**knobs), batch_size=batch_size, chunk=chunk,
                              stop_tokens=sorted(stops), static=static))
