@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lm import config
 from lm.config import ConfigError
 
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"  # found from any directory
+
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="lm-train", description=__doc__, allow_abbrev=False)
-  parser.add_argument("--config", default="configs/tiny.yaml", help="YAML preset")
+  parser.add_argument("--config", default=str(TINY), help="YAML preset (default: this checkout's configs/tiny.yaml)")
   parser.add_argument("--workdir", required=True, help="where the run writes everything")
   parser.add_argument("--init-from", metavar="OTHER_WORKDIR[:STEP]",
                       help="start from another run's parameters (fresh optimizer, step 0)")

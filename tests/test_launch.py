@@ -40,6 +40,12 @@ def test_tpu_pod_dry_run_ships_an_archive_that_replaces_the_tree_and_runs_detach
   assert (without.returncode, without.stderr) == (1, "error: gcloud is not on PATH; install the Google Cloud CLI, or see the commands with --dry-run\n")
 
 
+def test_lm_train_takes_the_tiny_preset_from_any_directory(tmp_path, monkeypatch):
+  from launch import train
+  monkeypatch.chdir(tmp_path)  # not the checkout: a relative default would name nothing here
+  assert config.load(train.TINY) == config.load(ROOT / "configs" / "tiny.yaml")
+
+
 def test_tpu_pod_refuses_output_that_the_next_launch_would_delete(capsys):
   from launch.tpu_pod import main
   base = ["--tpu", "pod7", "--zone", "z", "--dry-run"]
