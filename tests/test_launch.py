@@ -42,8 +42,12 @@ def test_tpu_pod_dry_run_ships_an_archive_that_replaces_the_tree_and_runs_detach
 
 def test_lm_train_takes_the_tiny_preset_from_any_directory(tmp_path, monkeypatch):
   from launch import train
+  from lm import loop
+  taken = []
+  monkeypatch.setattr(loop, "run", lambda cfg, workdir, init_from=None: taken.append(cfg))
   monkeypatch.chdir(tmp_path)  # not the checkout: a relative default would name nothing here
-  assert config.load(train.TINY) == config.load(ROOT / "configs" / "tiny.yaml")
+  assert train.main(["--workdir", "w", "--sample-prompt="]) == 0
+  assert taken == [config.load(ROOT / "configs" / "tiny.yaml")]
 
 
 def test_tpu_pod_refuses_output_that_the_next_launch_would_delete(capsys):
