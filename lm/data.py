@@ -272,8 +272,10 @@ class _Tokenize(grain.transforms.Map):
   def map(self, doc: str | np.ndarray) -> dict[str, np.ndarray] | None:
     bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
     body = self.tokenizer.encode(doc) if isinstance(doc, str) else doc
+    if len(body) == 0:  # an empty document would teach end-of-sequence right after BOS
+      return None
     ids = np.concatenate([[bos] if bos >= 0 else [], body, [eos]]).astype(np.int32)
-    return {"inputs": ids[:-1], "targets": ids[1:]} if len(ids) > 1 else None
+    return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
 class _Something(grain.transforms.Filter):

@@ -78,7 +78,7 @@ class _Stream:
   def length(self, k: int) -> int:
     if k not in self.docs:
       self.docs[k] = self.elements[k]
-    return len(self.head) + len(self.docs[k])  # BOS + body + EOS, less one
+    return len(self.head) + len(self.docs[k]) if len(self.docs[k]) else 0  # BOS + body + EOS, less one; an empty one is skipped
 
   def ids(self, k: int, lo: int, hi: int) -> np.ndarray:
     """(BOS + element k + EOS)[lo:hi], without copying the rest of a long document."""

@@ -1,5 +1,6 @@
 """Sources, splits and packed grain pipelines on files the tests write."""
 
+import itertools
 import json
 import shutil
 
@@ -156,6 +157,19 @@ def test_rows_pack_whole_documents_with_segments_and_positions(tmp_path, tokeniz
         if ids[-1] == tokenizer.eos_id:
           recovered.append(tokenizer.decode(ids[1:-1]))
   assert recovered and set(recovered) <= set(texts)
+
+
+def test_empty_documents_are_not_trained_on(tmp_path, tokenizer):
+  """Read as text or from a token cache: BOS then EOS would teach the model to end right after BOS."""
+  texts = ["first text\n", "", "second\n", "", "", "the third one\n"] * 8
+  jsonl = tmp_path / "docs.jsonl"
+  jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  token_cache.prepare(data.documents(f"jsonl:{jsonl}"), f"jsonl:{jsonl}", tokenizer, tmp_path / "cache", workers=1, shard_docs=4)
+  for spec in (f"jsonl:{jsonl}", f"tokens:{tmp_path / 'cache'}"):
+    rows = list(itertools.islice(data.batches(data.open_source(spec), tokenizer, seq_len=16, global_batch=2, seed=0), 6))
+    real = sum(int(((r["inputs"] == tokenizer.bos_id) & (r["positions"] == 0)).sum()) for r in rows)
+    empty = sum(int(((r["inputs"] == tokenizer.bos_id) & (r["targets"] == tokenizer.eos_id)).sum()) for r in rows)
+    assert (real > 20, empty) == (True, 0), spec
 
 
 def test_a_document_split_across_rows_restarts_at_position_zero_and_sees_only_its_own_piece(tokenizer):
