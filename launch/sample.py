@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
   if writer:
     print(f"prefill {t.prefill_tokens / max(t.prefill_seconds, 1e-9):,.0f} tokens/s | "
           f"decode {t.decode_tokens / max(t.decode_seconds, 1e-9):,.0f} kept tokens/s"
-          + (f" (acceptance {t.accepted / max(t.proposed, 1):.0%}, {(t.target_passes + t.accepted) / max(t.target_passes, 1):.2f} tokens per target pass)"
+          + (f" (acceptance {t.accepted / max(t.proposed, 1):.0%}, {t.decode_tokens / max(t.target_passes, 1):.2f} tokens per target pass)"
              if sampler.speculation else "") + f" | compile {t.compile_seconds:.1f}s", file=sys.stderr)
   return 0
 
