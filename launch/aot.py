@@ -341,10 +341,31 @@ CALLEE = re.compile(r"\b(calls|body|to_apply|branch_computations)=\{?([%\w.\-, ]
 TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
-  """Every collective a compiled module runs, as (kind, result shape, bytes, times run): ops inside a
-  loop body count once per iteration of each loop around them; of a conditional's branches, which
-  run one at a time (greedy or sampled tokens), the one moving the most bytes."""
+def group_size(line: str, devices: int) -> int:
+  """How many devices a collective's groups hold, in any of the forms XLA prints them (none or {}: all)."""
+  if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line):
+    sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+    return math.prod(sizes[a] for a in re.findall(r"'(\w+)'", m.group(2)))
+  if m := re.search(r"replica_groups=\[([\d,]+)\]<=", line):
+    return int(m.group(1).split(",")[-1])
+  if m := re.search(r"replica_groups=\{\{([\d,]*)\}", line):
+    return len(m.group(1).split(","))
+  return devices
+
+
+def traffic(kind: str, result_bytes: float, n: int) -> float:
+  """Bytes a chip sends (as many as it receives) for a collective over n devices, done as a ring: an
+  all-gather passes on the n-1 shards of its result it lacks, an all-reduce a reduce-scatter and an
+  all-gather of its result, a reduce-scatter n-1 pieces the size of its result."""
+  share = {"all-gather": (n - 1) / n, "all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1, "all-to-all": (n - 1) / n}
+  return result_bytes * share.get(kind, 1.0)  # collective-permute: its whole result
+
+
+def collectives(hlo: str, devices: int) -> list[tuple[str, tuple[int, ...], int, int, int]]:
+  """Every collective a compiled module of `devices` devices runs, as (kind, result shape, bytes,
+  times run, group size): ops inside a loop body count once per iteration of each loop around them; of
+  a conditional's branches, which run one at a time (greedy or sampled tokens), the one moving the
+  most bytes."""
   bodies: dict[str, list[str]] = {}
   name = None
   for line in hlo.splitlines():
@@ -356,9 +377,9 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
         entry = name
     elif name is not None:
       bodies[name].append(line)
-  moved = lambda ops: sum(b * n for *_, b, n in ops)
+  moved = lambda ops: sum(traffic(kind, b, n) * t for kind, _, b, t, n in ops)
 
-  def walk(comp: str, times: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+  def walk(comp: str, times: int) -> list[tuple[str, tuple[int, ...], int, int, int]]:
     found = []
     for line in bodies.get(comp, []):
       op = COLLECTIVE.search(line)
@@ -366,7 +387,7 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...], int, int]]:
         for dtype, dims in ARRAY.findall(op.group(1)):
           shape = tuple(int(d) for d in dims.split(",") if d)
           itemsize = 1 if dtype == "pred" or dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)) // 8
-          found.append((op.group(2), shape, math.prod(shape) * itemsize, times))
+          found.append((op.group(2), shape, math.prod(shape) * itemsize, times, group_size(line, devices)))
       trips = int(m.group(1)) if (m := TRIPS.search(line)) else loop_bound(bodies, line)
       for kind, callees in CALLEE.findall(line):
         called = [walk(c.strip(), times * (trips if kind == "body" else 1)) for c in callees.replace("%", "").split(",")]
@@ -434,8 +455,9 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
                      ("decode total per chip", f"more than {size(hbm)} HBM: DOES NOT FIT ({str(e).splitlines()[0]})")], "fits": False}
   cache_chip = per_chip(sampler.abstract_state(rows, S)["cache"])
   weights_chip = per_chip(sampler.params)
-  found = collectives(decode.as_text())
-  gathered = sum(b * n for kind, shape, b, n in found if kind == "all-gather" and is_weight(shape, params))
+  found = collectives(decode.as_text(), mesh.size)
+  moved = sum(traffic(kind, b, n) * t for kind, _, b, t, n in found)
+  gathered = sum(traffic(kind, b, n) * t for kind, shape, b, t, n in found if kind == "all-gather" and is_weight(shape, params))
   tokens = rows * chunk
   memory, fits, _ = memory_rows(decode, hbm)
   cost = decode.cost_analysis()
@@ -450,11 +472,12 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
       # XLA counts the body of the scan of decode steps once (the sampler runs its layers one by one).
       ("decode XLA bytes accessed", f"{size(float(cost.get('bytes accessed', float('nan'))))} (the step scan's body counted once)"),
       ("decode XLA estimated time", f"{seconds * 1e6:.1f} us (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
-      ("interconnect per token per chip", f"{size(sum(b * n for _, _, b, n in found) / tokens)} "
-       f"(collectives in the compiled decode, loop bodies x trip counts, / {tokens} tokens)"),
+      ("interconnect per token per chip", f"{size(moved / tokens)} (sent by the collectives in the compiled decode, "
+       f"as rings; loop bodies x trip counts, / {tokens} tokens)"),
       ("  of which weight all-gathers", size(gathered / tokens)),
-      ("HBM read per token per chip", f"{size((weights_chip + cache_chip) * chunk / tokens)} "
-       f"(weights + the whole KV cache per step, / {rows} rows)"),
+      # The weights a chip gathers land in its HBM and are read there too.
+      ("HBM read per token per chip", f"{size(((weights_chip + cache_chip) * chunk + gathered) / tokens)} "
+       f"(its weights, those it gathers and the whole KV cache per step, / {rows} rows)"),
   ], "fits": fits, "collectives": found, "weight_gather_bytes": gathered}
 
 if __name__ == "__main__":

@@ -251,10 +251,21 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 
 
 def test_collectives_count_loop_bodies_by_their_trips_and_one_branch_of_a_conditional():
-  """16 steps, each an all-reduce of 8 x 2 bfloat16 and one of two branches: the larger, 16 float32."""
+  """16 steps on 4 devices, each an all-reduce of 8 x 2 bfloat16 and one of two branches: the one
+  sending more, an all-gather of 16 float32 (48 bytes sent) over an all-reduce of 4 (24)."""
   from launch import aot
-  found = aot.collectives(HLO)
-  assert sorted(found) == [("all-gather", (16,), 64, 16), ("all-reduce", (8, 2), 32, 16)]
+  found = aot.collectives(HLO, 4)
+  assert sorted(found) == [("all-gather", (16,), 64, 16, 4), ("all-reduce", (8, 2), 32, 16, 4)]
+  assert [aot.traffic(kind, b, n) for kind, _, b, _, n in sorted(found)] == [48, 48]  # 3/4 of 64; 2 x 3/4 of 32
+
+
+def test_collective_groups_are_read_in_each_form_xla_prints():
+  from launch import aot
+  for groups, n in (("mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", 4), ("mesh['axis_0'=2,'axis_1'=1,'axis_2'=2] {'axis_1','axis_2'}", 2),
+                    ("[2,4]<=[8]", 4), ("{{0,1},{2,3},{4,5},{6,7}}", 2), ("{}", 8)):
+    assert aot.group_size(f"%g = f32[8]{{0}} all-gather(%x), replica_groups={groups}, dimensions={{0}}", 8) == n, groups
+  assert aot.traffic("reduce-scatter", 10, 4) == 30 and aot.traffic("collective-permute", 10, 4) == 10
+  assert aot.traffic("all-reduce", 10, 1) == 0  # a group of one device moves nothing
 
 
 @pytest.mark.slow
