@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 from lm import config, data, distributed, flops, metrics, resume, sharding
 from lm.checkpoint import Checkpoints, run_meta, run_step, run_tokenizer
 from lm.config import Config, ConfigError
-from lm.model import count_params
 from lm.files import writable_dir, write_file
+from lm.model import count_params
 from lm.tokenizer import Tokenizer, check_trained_as, file_digest, train as train_tokenizer
 from lm.train import Steps, TrainState
 

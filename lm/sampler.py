@@ -207,13 +207,15 @@ class Sampler:
                    overrides: Sequence[str] = (), quantize: str | None = None, kv: str | None = None,
                    sharing: Sequence[config.ModelConfig] = ()) -> "Sampler":
     """The newest (or the given) checkpoint of a run, restored onto this process's devices, whatever
-    mesh it was trained on. The default mesh is `decode_mesh` (for the models `sharing` it too);
-    `mesh.*` overrides change it, and `sample.*` ones the sampling settings."""
+    mesh it was trained on: `mesh_cfg` as it is, or `sampling_config`'s (`decode_mesh`, for the models
+    `sharing` it too, changed by the `mesh.*` overrides; `sample.*` ones change the sampling settings)."""
     check_quantize(quantize)
     kv_cache.check(kv)
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
+    if mesh_cfg and overrides:
+      raise ValueError("from_workdir takes a mesh_cfg or overrides, not both")
     if mesh_cfg:
       cfg.mesh = mesh_cfg
     else:

@@ -132,4 +132,3 @@ def train(docs: Iterable[str], cfg: TokenizerConfig, path: str | Path) -> Tokeni
                       f"{SPECIAL_PIECES} special pieces need tokenizer.vocab_size={trained.vocab_size()} or more")
   write_file(Path(path), model.getvalue())
   return Tokenizer(path)
-
