@@ -8,7 +8,8 @@ import json
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -19,6 +20,8 @@ from lm.config import ConfigError, flatten
 # Set by launch.local_cluster; on TPU pods and SLURM, LM_DISTRIBUTED=auto lets JAX read the cluster.
 COORDINATOR, NUM_PROCESSES, PROCESS_ID = "LM_COORDINATOR_ADDRESS", "LM_NUM_PROCESSES", "LM_PROCESS_ID"
 TIMEOUT = "LM_DISTRIBUTED_TIMEOUT"
+ERROR_BYTES = 4096  # of an error line that processes share
+T = TypeVar("T")
 
 
 def timeout_s() -> int:
@@ -71,6 +74,26 @@ def check_same_config(settings: dict[str, Any]) -> None:
     keys = [f"{k}: {theirs.get(k)!r} on process 0, {ours.get(k)!r} here" for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     raise ConfigError(f"process {mine} runs other settings than process 0: {'; '.join(keys)}")
   raise ConfigError(f"process(es) {odd} run other settings than process 0; their logs name the keys")
+
+
+def all_or_none(fn: Callable[..., T], *args: Any) -> T:
+  """`fn(*args)` on every process, or, where it raised a ConfigError on any, the first such error on
+  every process: one that failed alone (a file its host lacks, a listing that lags) would leave the
+  others waiting for it at their next collective."""
+  try:
+    result, error = fn(*args), ""
+  except ConfigError as e:
+    if jax.process_count() == 1:
+      raise
+    result, error = None, str(e)
+  if jax.process_count() > 1:
+    mine = np.frombuffer(error.encode()[:ERROR_BYTES].ljust(ERROR_BYTES, b"\0"), np.uint8)
+    failed = [(p, bytes(row).rstrip(b"\0").decode(errors="replace"))
+              for p, row in enumerate(multihost_utils.process_allgather(mine)) if row[0]]
+    if failed:
+      p, message = failed[0]
+      raise ConfigError(message if p == jax.process_index() else f"process {p}: {message}")
+  return result
 
 
 def from_first(value: Any) -> Any:

@@ -35,6 +35,14 @@ def prepare_workdir(path: str | Path) -> Path:
   return writable_dir(Path(path), "work directory")
 
 
+def sources(cfg: Config, init_from: str | None, source: tuple | None) -> tuple[Any, Any | None, Path | None]:
+  """The training and held-out documents, and the tokenizer the run inherits (the --init-from run's,
+  a token cache's), as this process finds them."""
+  train_docs, val_docs = data.split(cfg.data)
+  inherited = run_tokenizer(run_step(init_from)[0], *source[1:]) if source else data.cache_tokenizer(cfg.data)
+  return train_docs, val_docs, inherited
+
+
 def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None = None, fresh: bool = True,
                   saved: dict[str, Any] | None = None) -> Tokenizer:
   """The given tokenizer, else the work directory's (copied from `inherited`, or trained here by an
@@ -44,7 +52,7 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
   if saved and copy_instead(cfg, path, saved):
     return Tokenizer(path)
   if cfg.tokenizer.path:
-    tokenizer = Tokenizer(cfg.tokenizer.path)
+    tokenizer = distributed.all_or_none(Tokenizer, cfg.tokenizer.path)
     # The run keeps a copy, which outlives a moved original; a fresh run's replaces an earlier attempt's.
     if jax.process_index() == 0 and (not path.exists() or fresh and file_digest(path) != tokenizer.sha256):
       write_file(path, Path(tokenizer.path).read_bytes())
@@ -274,8 +282,7 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
 def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: Any, ckpts: Checkpoints) -> TrainState:
   t, lead = cfg.train, jax.process_index() == 0
   source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
-  train_docs, val_docs = data.split(cfg.data)
-  inherited = run_tokenizer(run_step(init_from)[0], *source[1:]) if source else data.cache_tokenizer(cfg.data)
+  train_docs, val_docs, inherited = distributed.all_or_none(sources, cfg, init_from, source)
   tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not ckpts.steps(), saved=newest_meta(ckpts))
   documents = data.document_counts(train_docs, val_docs)
   # and the same data and tokenizer: a host whose listing lags (a shard still being copied) would read

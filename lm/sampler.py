@@ -24,7 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from lm import config, kv_cache, sharding
+from lm import config, distributed, kv_cache, sharding
 from lm.checkpoint import open_run, run_tokenizer
 from lm.config import Config, ConfigError
 from lm.params import abstract_model, param_shardings, unstack
@@ -221,7 +221,7 @@ class Sampler:
     else:
       per_slice = jax.device_count() // sharding.slices_of(jax.devices())  # make_mesh stacks the slices along data
       cfg = sampling_config(cfg, per_slice, overrides, *sharing)
-    tokenizer_path = run_tokenizer(workdir, step, meta)
+    tokenizer_path = distributed.all_or_none(run_tokenizer, workdir, step, meta)
     mesh = sharding.make_mesh(cfg.mesh)
     try:
       params = unstack(load_params(ckpts, step, cfg, mesh), cfg.model, mesh, cfg.mesh.rules, consume=True)

@@ -181,6 +181,16 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tok
   errors = [proc.communicate(timeout=300)[1] for proc in procs]
   assert [proc.returncode for proc in procs] == [1, 1]
   assert "error: process 1 runs other settings than process 0: documents.train: [18] on process 0, [19] here" in errors[1]
+  # a host that sees no such files at all (they waited for it at their next collective for ever)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "data-run"), *SETTINGS,
+                             "data.source=~/corpus", f"tokenizer.path={tokenizer.path}"], cwd=ROOT,
+                            env=child_env(p, 2, 2, port) | {"HOME": str(tmp_path / ("host0" if p == 0 else "bare"))}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
+  errors = [proc.communicate(timeout=120)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [1, 1]
+  assert [e.strip().splitlines()[-1] for e in errors] == ["error: process 1: data source '~/corpus' matched no files",
+                                                          "error: data source '~/corpus' matched no files"]
   # the same tokenizer.path, another file behind it (a host-local copy left from another run)
   shutil.copyfile(tokenizer.path, tmp_path / "host0" / "tok.model")
   shutil.copyfile(shared_data / "c4_en_32k_sentencepiece.model", tmp_path / "host1" / "tok.model")
