@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.mixture or cfg.data.val_source:
       raise ConfigError("lm-prepare tokenizes data.source alone; prepare each source of data.mixture (or data.val_source) into its own cache")
     docs = data.documents(cfg.data.source, cfg.data.text_field)
-    writable_dir(out, "--out directory")  # before the tokenizer and the tokens, not after
-    if cfg.tokenizer.path:
-      tokenizer = Tokenizer(cfg.tokenizer.path)
+    given = Tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
+    writable_dir(out, "--out directory")  # after the checks (a refusal leaves no directory), before the long work
+    if given:
+      tokenizer = given
     elif (out / "tokenizer.model").exists():  # trained by an earlier attempt
       tokenizer = Tokenizer(out / "tokenizer.model")
       check_trained_as(tokenizer, cfg.tokenizer, "--out")

@@ -259,7 +259,8 @@ def run_step(spec: str) -> tuple[Path, int | None]:
   return Path(spec), None
 
 
-def has_checkpoints(workdir: Path) -> None:
+def require_checkpoints(workdir: Path) -> None:
+  """One line where `workdir` has no checkpoints at all (a run that never saved, or not a run)."""
   if not (workdir / "checkpoints").is_dir():
     raise ConfigError(f"work directory '{workdir}' has no checkpoints/; train there first")
 
@@ -267,7 +268,7 @@ def has_checkpoints(workdir: Path) -> None:
 def open_run(workdir: str | Path, step: int | None = None) -> tuple[Checkpoints, int, dict[str, Any]]:
   """A run's checkpoints (read-only), the newest or the given step, and that step's description."""
   workdir = Path(workdir)
-  distributed.all_or_none(has_checkpoints, workdir)
+  distributed.all_or_none(require_checkpoints, workdir)
   ckpts = Checkpoints(workdir / "checkpoints", read_only=True)
   steps = distributed.from_first(ckpts.steps())  # one listing: hosts that listed apart would mix two steps' weights
   if not steps or (step is not None and step not in steps):

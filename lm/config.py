@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import functools
@@ -257,6 +258,8 @@ class UniqueKeys(yaml.SafeLoader):
     seen = set()
     for key_node, _ in node.value:
       key = self.construct_object(key_node, deep=deep)
+      if not isinstance(key, collections.abc.Hashable):
+        continue  # PyYAML's own check names it
       if key in seen:
         raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
       seen.add(key)

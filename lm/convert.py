@@ -177,7 +177,6 @@ def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
 def _check_new(path: Path, what: str) -> None:
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
     raise ConfigError(f"{what} '{path}' already exists and is not an empty directory; choose a new one")
-  writable_dir(path, what)  # before the weights are read, not after
 
 
 def _writing(path: Path, write: Callable[[], Any]) -> Any:
@@ -248,6 +247,7 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
       raise ConfigError(f"{where}: {key}={json.dumps(theirs)} is not {tokenizer.path.name}'s ({ours}); we start and stop "
                         f"sequences at the tokenizer's ids, so such a model is not supported")
   cfg = run_config(m, tokenizer)
+  writable_dir(workdir, "work directory")  # after the checks (a refusal leaves no directory), before the weights are read
   params = read_params(hf_dir, m)
   _writing(workdir, lambda: write_run(workdir, cfg, params, tokenizer.path))
   return cfg
@@ -286,17 +286,19 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
   workdir, out = Path(workdir), Path(out)
   _check_new(out, "output directory")
   ckpts, step, meta = open_run(workdir, step)
-  cfg = config.from_dict(meta["config"])
-  if cfg.model.d_model % cfg.model.num_heads:
+  try:
+    cfg = config.from_dict(meta["config"])
+    if cfg.model.d_model % cfg.model.num_heads:
+      raise ConfigError(f"transformers' Llama needs a width that is a multiple of the heads, not model.d_model={cfg.model.d_model} "
+                        f"over model.num_heads={cfg.model.num_heads}; this run cannot be exported")
+    tokenizer = Tokenizer(run_tokenizer(workdir, step, meta))
+    writable_dir(out, "output directory")  # after the checks (a refusal leaves no directory), before the weights are read
+    _, abstract = abstract_model(cfg.model)
+    # numpy targets restore as numpy arrays: no device memory, and no second host copy through jax.
+    targets = jax.tree.map(lambda v: np.empty(v.shape, v.dtype), nnx.to_pure_dict(abstract))
+    params = ckpts.restore_params(step, targets)
+  finally:
     ckpts.close()
-    raise ConfigError(f"transformers' Llama needs a width that is a multiple of the heads, not model.d_model={cfg.model.d_model} "
-                      f"over model.num_heads={cfg.model.num_heads}; this run cannot be exported")
-  _, abstract = abstract_model(cfg.model)
-  # numpy targets restore as numpy arrays: no device memory, and no second host copy through jax.
-  targets = jax.tree.map(lambda v: np.empty(v.shape, v.dtype), nnx.to_pure_dict(abstract))
-  params = ckpts.restore_params(step, targets)
-  ckpts.close()
-  tokenizer = Tokenizer(run_tokenizer(workdir, step, meta))
   _writing(out, lambda: write_hf(out, cfg.model, tokenizer, params, shard_bytes))
   return step
 

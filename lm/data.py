@@ -29,8 +29,9 @@ from lm.tokenizer import Tokenizer
 SPLIT_SEED = 0  # fixed, so the held-out documents never change with train.seed
 CHUNK_CHARS = 1 << 15  # one long text is cut at line ends into pieces of about this size
 WINDOW_TOKENS, MAX_WINDOW = 1 << 24, 1024  # the default data.shuffle_window's bounds
-RECORD_FILES = {".jsonl": "jsonl", ".gz": "jsonl", ".zst": "jsonl", ".parquet": "parquet", ".array_record": "arrayrecord",
-                ".arrayrecord": "arrayrecord"}  # the formats a prefix names, by file suffix
+RECORD_FILES = {".jsonl": ("JSON Lines", "jsonl"), ".gz": ("compressed", "jsonl"), ".zst": ("compressed", "jsonl"),
+                ".parquet": ("Parquet", "parquet"), ".array_record": ("ArrayRecord", "arrayrecord"),
+                ".arrayrecord": ("ArrayRecord", "arrayrecord")}  # a file suffix's format, and the prefix that reads it
 
 
 class TextFiles:
@@ -146,9 +147,10 @@ def _text_files(spec: str) -> TextFiles:
   """Every file read whole as one document; a file of records would train as its raw bytes."""
   paths = _match(spec, spec)
   for path in paths:
-    if kind := RECORD_FILES.get(Path(path).suffix):
-      raise ConfigError(f"data source '{spec}' matches {path}, a file of {kind} records that would train as plain text; "
-                        f"name the format: '{kind}:{spec}'")
+    if Path(path).suffix in RECORD_FILES:
+      what, prefix = RECORD_FILES[Path(path).suffix]
+      raise ConfigError(f"data source '{spec}' matches {path}, a {what} file that would train as its raw bytes; name "
+                        f"its format (compressed files are read as JSON Lines): '{prefix}:{spec}'")
   return TextFiles(paths)
 
 

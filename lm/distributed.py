@@ -81,15 +81,15 @@ def all_or_none(fn: Callable[..., T], *args: Any) -> T:
   every process: one that failed alone (a file its host lacks, a listing that lags) would leave the
   others waiting for it at their next collective."""
   try:
-    result, error = fn(*args), ""
+    result, error = fn(*args), None
   except ConfigError as e:
     if jax.process_count() == 1:
       raise
     result, error = None, str(e)
   if jax.process_count() > 1:
-    mine = np.frombuffer(error.encode()[:ERROR_BYTES].ljust(ERROR_BYTES, b"\0"), np.uint8)
-    failed = [(p, bytes(row).rstrip(b"\0").decode(errors="replace"))
-              for p, row in enumerate(multihost_utils.process_allgather(mine)) if row[0]]
+    mine = b"" if error is None else b"\1" + error.encode()  # a flag byte first: an error may say nothing
+    rows = multihost_utils.process_allgather(np.frombuffer(mine[:ERROR_BYTES].ljust(ERROR_BYTES, b"\0"), np.uint8))
+    failed = [(p, bytes(row[1:]).rstrip(b"\0").decode(errors="replace")) for p, row in enumerate(rows) if row[0]]
     if failed:
       p, message = failed[0]
       raise ConfigError(message if p == jax.process_index() else f"process {p}: {message}")

@@ -26,5 +26,8 @@ def write_file(path: Path, data: bytes) -> None:
   """Whole or not at all: a process killed while writing leaves no cut-short file to be taken up later."""
   path.parent.mkdir(parents=True, exist_ok=True)
   part = path.with_name(f"{path.name}.part{os.getpid()}")
-  part.write_bytes(data)
-  part.replace(path)
+  try:
+    part.write_bytes(data)
+    part.replace(path)
+  finally:
+    part.unlink(missing_ok=True)  # what a full disk or Ctrl-C left of it

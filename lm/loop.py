@@ -35,7 +35,8 @@ def prepare_workdir(path: str | Path) -> Path:
   return writable_dir(Path(path), "work directory")
 
 
-def sources(cfg: Config, init_from: str | None, source: tuple | None) -> tuple[Any, Any | None, Path | None]:
+def sources(cfg: Config, init_from: str | None, source: tuple[Checkpoints, int, dict[str, Any]] | None
+            ) -> tuple[Any, Any | None, Path | None]:
   """The training and held-out documents, and the tokenizer the run inherits (the --init-from run's,
   a token cache's), as this process finds them."""
   train_docs, val_docs = data.split(cfg.data)
@@ -47,36 +48,37 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
                   saved: dict[str, Any] | None = None) -> Tokenizer:
   """The given tokenizer, else the work directory's (copied from `inherited`, or trained here by an
   earlier attempt at a `fresh` run: then with these settings), else one trained now. `saved`: the
-  newest checkpoint's description, where a resume can read it."""
+  newest checkpoint's description, where a resume can read it. Process 0 decides what exists, for all:
+  a process that looked at other files would take other branches, around other collectives."""
   path = workdir / "tokenizer.model"
-  if saved and copy_instead(cfg, path, saved):
-    return Tokenizer(path)
+  if distributed.from_first(bool(saved) and copy_instead(cfg, path, saved)):
+    return distributed.all_or_none(Tokenizer, path)
   if cfg.tokenizer.path:
     tokenizer = distributed.all_or_none(Tokenizer, cfg.tokenizer.path)
     # The run keeps a copy, which outlives a moved original; a fresh run's replaces an earlier attempt's.
     if jax.process_index() == 0 and (not path.exists() or fresh and file_digest(path) != tokenizer.sha256):
       write_file(path, Path(tokenizer.path).read_bytes())
     return tokenizer
-  # Process 0 looks for the copy, for all: a process that looked after it copied would skip the barrier.
   exists = distributed.from_first(path.exists())
   if not exists and inherited is not None:
     if jax.process_index() == 0:
       write_file(path, inherited.read_bytes())
     multihost_utils.sync_global_devices("tokenizer copied")
-  if exists or inherited is not None:
-    tokenizer = Tokenizer(path)
-    if fresh and inherited is None:  # a run with checkpoints has the resume checks instead
-      check_trained_as(tokenizer, cfg.tokenizer)
-    return tokenizer
-  error = None
+  if not exists and inherited is None:
+    distributed.all_or_none(train_on_first, docs, cfg.tokenizer, path)
+  tokenizer = distributed.all_or_none(Tokenizer, path)
+  if exists and fresh and inherited is None:  # a run with checkpoints has the resume checks instead
+    check_trained_as(tokenizer, cfg.tokenizer)
+  return tokenizer
+
+
+def train_on_first(docs: Any, cfg: config.TokenizerConfig, path: Path) -> None:
+  """Process 0 trains the run's tokenizer (the others read it once it is written)."""
   if jax.process_index() == 0:
     try:
-      train_tokenizer((docs[i] for i in range(len(docs))), cfg.tokenizer, path)
-    except ConfigError as e:
-      error = str(e)
-  if error := distributed.from_first(error):  # every process stops with process 0's reason
-    raise ConfigError(error)
-  return Tokenizer(path)
+      train_tokenizer((docs[i] for i in range(len(docs))), cfg, path)
+    except OSError as e:
+      raise ConfigError(f"writing the tokenizer {path} failed: {e.strerror or e}") from None
 
 
 def copy_instead(cfg: Config, copy: Path, saved: dict[str, Any]) -> bool:
@@ -241,7 +243,7 @@ def start_state(steps: Steps, ckpts: Checkpoints, source: tuple[Checkpoints, int
                 say: Callable[[str], None]) -> TrainState:
   """This run's newest readable checkpoint, else the --init-from run's parameters, else a fresh init."""
   abstract = steps.abstract_state()
-  had_checkpoints = bool(ckpts.steps())
+  had_checkpoints = distributed.from_first(bool(ckpts.steps()))  # one answer, as the raise below must be
   state = resume.restore_newest(ckpts, cfg, meta, workdir, abstract, data_iter, say)
   if state is None and had_checkpoints and init_from:  # its own, all unreadable: not a start from random weights
     raise ConfigError(f"every checkpoint in {workdir} was unreadable and is set aside in checkpoints_unreadable/; "
@@ -281,9 +283,11 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
 
 def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: Any, ckpts: Checkpoints) -> TrainState:
   t, lead = cfg.train, jax.process_index() == 0
-  source = resume.init_from_run(init_from) if init_from and not ckpts.steps() else None
+  # Process 0's listing, for all: a host whose listing lags would take other branches around collectives.
+  resuming = distributed.from_first(bool(ckpts.steps()))
+  source = resume.init_from_run(init_from) if init_from and not resuming else None
   train_docs, val_docs, inherited = distributed.all_or_none(sources, cfg, init_from, source)
-  tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not ckpts.steps(), saved=newest_meta(ckpts))
+  tokenizer = tokenizer_for(cfg, workdir, train_docs, inherited, fresh=not resuming, saved=newest_meta(ckpts) if resuming else None)
   documents = data.document_counts(train_docs, val_docs)
   # and the same data and tokenizer: a host whose listing lags (a shard still being copied) would read
   # other documents, one with its own file at tokenizer.path would cut them into other tokens

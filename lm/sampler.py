@@ -164,7 +164,8 @@ def decode_mesh(cfg: config.ModelConfig, devices: int, *others: config.ModelConf
 def sampling_config(cfg: Config, devices: int, overrides: Sequence[str] = (), *sharing: config.ModelConfig) -> Config:
   """A run's config on the mesh it samples with: `decode_mesh` over one slice's `devices` (for the
   models `sharing` it too), then the `mesh.*` and `sample.*` overrides."""
-  cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(decode_mesh(cfg.model, devices, *sharing), rules=cfg.mesh.rules))
+  cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(decode_mesh(cfg.model, devices, *sharing), rules=cfg.mesh.rules),
+                            sample=dataclasses.replace(cfg.sample))  # the overrides change copies, not the caller's
   config.apply_overrides(cfg, overrides, only=("mesh.", "sample."))
   return cfg
 
@@ -211,11 +212,11 @@ class Sampler:
     `sharing` it too, changed by the `mesh.*` overrides; `sample.*` ones change the sampling settings)."""
     check_quantize(quantize)
     kv_cache.check(kv)
+    if mesh_cfg and overrides:
+      raise ValueError("from_workdir takes a mesh_cfg or overrides, not both")
     workdir = Path(workdir)
     ckpts, step, meta = open_run(workdir, step)
     cfg = config.from_dict(meta["config"])
-    if mesh_cfg and overrides:
-      raise ValueError("from_workdir takes a mesh_cfg or overrides, not both")
     if mesh_cfg:
       cfg.mesh = mesh_cfg
     else:

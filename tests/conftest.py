@@ -60,6 +60,17 @@ def run_trainer(workdir: Path, *overrides: str, devices: int = 8, init_from: str
                         capture_output=True, text=True, timeout=600, **kwargs)
 
 
+def finish(procs, timeout: float) -> list[str]:
+  """Each process's stderr once all have exited; at the timeout every one still running is killed (a
+  job that hangs must not outlive its test)."""
+  try:
+    return [proc.communicate(timeout=timeout)[1] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+
+
 def stacked(params):
   """A sampler's listed parameters stacked along the layer axis again, as a checkpoint holds them."""
   import jax

@@ -15,7 +15,7 @@ import pytest
 from launch.local_cluster import child_env, free_port
 from lm import jobs
 from lm.tokenizer import file_digest
-from tests.conftest import ROOT, run_trainer, tiny_overrides
+from tests.conftest import ROOT, finish, run_trainer, tiny_overrides
 
 pytestmark = pytest.mark.slow
 SETTINGS = tiny_overrides(**{"train.seq_len": 64, "train.steps": 8, "train.warmup_steps": 2, "log.every": 1,
@@ -82,7 +82,7 @@ def test_two_processes_sample_what_one_process_samples(single, tmp_path):
          "--max-new-tokens", "8", "--batch-size", "2", "--temperature", "0.8", "--seed", "3", "--output", str(tmp_path / "lag.jsonl")]
   procs = [subprocess.Popen(cmd, cwd=tmp_path / f"host{p}", env=child_env(p, 2, 2, port) | {"PYTHONPATH": str(ROOT)},
                             text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for p in (0, 1)]
-  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  errors = finish(procs, 300)
   assert [proc.returncode for proc in procs] == [0, 0], errors
   header, *rows = [json.loads(line) for line in (tmp_path / "lag.jsonl").read_text().splitlines()]
   want = Sampler.from_workdir(single, step=4).generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)
@@ -95,7 +95,7 @@ def test_two_processes_sample_what_one_process_samples(single, tmp_path):
   cmd[cmd.index("--prompts") + 1], cmd[cmd.index("--output") + 1] = "p.jsonl", str(tmp_path / "differ.jsonl")
   procs = [subprocess.Popen(cmd, cwd=tmp_path / f"host{p}", env=child_env(p, 2, 2, port) | {"PYTHONPATH": str(ROOT)},
                             text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for p in (0, 1)]
-  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  errors = finish(procs, 300)
   assert [proc.returncode for proc in procs] == [1, 1], errors
   digests = [jobs.prompts_digest([f"host {p}"]) for p in (0, 1)]
   assert errors[1].splitlines()[-1] == f"error: process 1 runs other settings than process 0: prompts: '{digests[0]}' on process 0, '{digests[1]}' here"
@@ -164,7 +164,7 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tok
   procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "run"), *SETTINGS,
                              f"train.steps={8 + p}"], cwd=ROOT, env=child_env(p, 2, 2, port), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
-  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  errors = finish(procs, 300)
   assert [proc.returncode for proc in procs] == [1, 1]
   assert "error: process 1 runs other settings than process 0: train.steps: 8 on process 0, 9 here" in errors[1]
   assert "error: process(es) [1] run other settings than process 0" in errors[0]
@@ -178,7 +178,7 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tok
                              "data.source=~/corpus", "data.val_fraction=0.1", f"tokenizer.path={tokenizer.path}"], cwd=ROOT,
                             env=child_env(p, 2, 2, port) | {"HOME": str(tmp_path / f"host{p}")}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
-  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  errors = finish(procs, 300)
   assert [proc.returncode for proc in procs] == [1, 1]
   assert "error: process 1 runs other settings than process 0: documents.train: [18] on process 0, [19] here" in errors[1]
   # a host that sees no such files at all (they waited for it at their next collective for ever)
@@ -187,7 +187,7 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tok
                              "data.source=~/corpus", f"tokenizer.path={tokenizer.path}"], cwd=ROOT,
                             env=child_env(p, 2, 2, port) | {"HOME": str(tmp_path / ("host0" if p == 0 else "bare"))}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
-  errors = [proc.communicate(timeout=120)[1] for proc in procs]
+  errors = finish(procs, 120)
   assert [proc.returncode for proc in procs] == [1, 1]
   assert [e.strip().splitlines()[-1] for e in errors] == ["error: process 1: data source '~/corpus' matched no files",
                                                           "error: data source '~/corpus' matched no files"]
@@ -198,7 +198,7 @@ def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tok
   procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", str(tmp_path / "tok-run"), *SETTINGS,
                              "tokenizer.path=~/tok.model"], cwd=ROOT, env=child_env(p, 2, 2, port) | {"HOME": str(tmp_path / f"host{p}")},
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in range(2)]
-  errors = [proc.communicate(timeout=300)[1] for proc in procs]
+  errors = finish(procs, 300)
   assert [proc.returncode for proc in procs] == [1, 1]
   assert (f"error: process 1 runs other settings than process 0: tokenizer_sha256: '{file_digest(tokenizer.path)}' on process 0, "
           f"'{file_digest(shared_data / 'c4_en_32k_sentencepiece.model')}' here") in errors[1]
@@ -225,5 +225,5 @@ def test_start_up_errors_are_one_line_on_every_process(tmp_path):
   proc = cluster(tmp_path / "fresh", f"data.source={tmp_path / 'few'}", "tokenizer.vocab_size=4000")
   stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 1
-  for p in (0, 1):
-    assert re.search(rf"^\[p{p}\] error: cannot train a bpe tokenizer with tokenizer.vocab_size=4000: ", stderr, re.M), stderr
+  for p, who in ((0, ""), (1, "process 0: ")):
+    assert re.search(rf"^\[p{p}\] error: {who}cannot train a bpe tokenizer with tokenizer.vocab_size=4000: ", stderr, re.M), stderr

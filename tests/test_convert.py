@@ -213,8 +213,6 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
   assert f"output directory '{tmp_path / 'taken'}' already exists and is not an empty directory" in fails(
       "--to-hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "taken"))
   beneath = tmp_path / "taken" / "file" / "new"  # a directory that cannot be made (as unwritable as root gets)
-  assert f"output directory '{beneath}' is not writable: Not a directory" in fails(
-      "--to-hf", "--workdir", str(tmp_path / "run"), "--out", str(beneath))
   assert f"work directory '{beneath}' is not writable: Not a directory" in fails("--from-hf", str(hf_dir), "--workdir", str(beneath))
   (hf_dir / "config.json").write_text(json.dumps(hf_config(eos_token_id=[7, 9])))  # an added chat token ends it
   assert f"{hf_dir / 'config.json'}: eos_token_id=[7, 9] is not tokenizer.model's ({tokenizer.eos_id}); we start and stop" in fails(
@@ -225,6 +223,7 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
             tokenizer.path)
   assert "not model.d_model=64 over model.num_heads=5; this run cannot be exported" in fails(
       "--to-hf", "--workdir", str(tmp_path / "odd"), "--out", str(tmp_path / "odd-hf"))
+  assert not (tmp_path / "odd-hf").exists()  # a refusal makes no directory
 
   def full_disk(*_):
     raise OSError(28, "No space left on device")
@@ -232,6 +231,8 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
   fine = config.load(None, tiny_overrides(**{"model.vocab_size": 512}))
   write_run(tmp_path / "fine", fine, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), nnx.to_pure_dict(abstract_model(fine.model)[1])),
             tokenizer.path)
+  assert f"output directory '{beneath}' is not writable: Not a directory" in fails(
+      "--to-hf", "--workdir", str(tmp_path / "fine"), "--out", str(beneath))
   with monkeypatch.context() as m:
     m.setattr(convert, "write_tensors", full_disk)
     assert f"writing '{tmp_path / 'hf2'}' failed (No space left on device); it holds part of the conversion: remove it, then rerun" in fails(
@@ -255,6 +256,7 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
   with pytest.raises(SystemExit):
     convert_main(["--to-hf", "--workdir", str(tmp_path / "run")])
   assert "--to-hf needs --out HF_DIR" in capsys.readouterr().err
+
   def interrupted(*_):
     raise KeyboardInterrupt  # Ctrl-C while it converts
 

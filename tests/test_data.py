@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import shutil
 
 import numpy as np
@@ -55,9 +56,10 @@ def test_source_errors_name_the_problem(tmp_path):
   with pytest.raises(ConfigError, match=r"^.*bad.jsonl: not ArrayRecord files \(.+\)$"):
     data.open_source(f"arrayrecord:{bad}")
   # Records given as plain text would train as their raw JSON (or compressed bytes)
-  with pytest.raises(ConfigError, match=f"^data source '{bad}' matches {bad}, a file of jsonl records that would train as plain text; name the format: 'jsonl:{bad}'$"):
+  with pytest.raises(ConfigError, match=re.escape(f"data source '{bad}' matches {bad}, a JSON Lines file that would train as its "
+                                                  f"raw bytes; name its format (compressed files are read as JSON Lines): 'jsonl:{bad}'")):
     data.open_source(str(bad))
-  with pytest.raises(ConfigError, match="a file of jsonl records"):
+  with pytest.raises(ConfigError, match="a JSON Lines file that would train as its raw bytes"):
     data.open_source(str(tmp_path))  # a directory that holds some
 
 
@@ -422,7 +424,11 @@ def test_ctrl_c_stops_prepare_and_its_workers_in_one_line(tmp_path, tokenizer):
   while job.poll() is None and len(list(out.glob("*.offsets.npy"))) < 3:
     time.sleep(0.05)
   os.killpg(job.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the workers too
-  _, stderr = job.communicate(timeout=120)
+  try:
+    _, stderr = job.communicate(timeout=120)
+  finally:
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
   assert job.returncode == 130 and "Traceback" not in stderr, stderr
   assert stderr.strip().splitlines() == [f"interrupted: the same command goes on from the shards written so far in {out}"]
 
@@ -436,7 +442,7 @@ def test_prepare_refuses_what_it_would_not_make_in_one_line(tmp_path, capsys):
   assert capsys.readouterr().err == ("error: lm-prepare tokenizes data.source alone; prepare each source of data.mixture "
                                      "(or data.val_source) into its own cache\n")
   assert not (tmp_path / "cache").exists()
-  assert main(["--out", str(tmp_path / "file" / "cache"), "--quiet", "tokenizer.path=none.model"]) == 1  # before training a tokenizer
+  assert main(["--out", str(tmp_path / "file" / "cache"), "--quiet"]) == 1  # before training a tokenizer on stdlib
   assert capsys.readouterr().err == f"error: --out directory '{tmp_path / 'file' / 'cache'}' is not writable: Not a directory\n"
 
 
