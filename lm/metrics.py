@@ -12,6 +12,8 @@ from typing import Any
 import tqdm
 from tensorboardX import SummaryWriter
 
+from lm.config import ConfigError
+
 
 class MetricsWriter:
   """Writes only where `enabled` (process 0), so several hosts never write the same files. Metrics
@@ -35,11 +37,15 @@ class MetricsWriter:
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
-    for name, value in metrics.items():
-      self.tb.add_scalar(name, value, step)
-    self.tb.flush()
+    try:
+      with self.path.open("a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+      for name, value in metrics.items():
+        self.tb.add_scalar(name, value, step)
+      self.tb.flush()
+    except OSError as e:  # a full disk, storage gone: one line, and the checkpoints on disk serve a rerun
+      raise ConfigError(f"writing the metrics of step {step} to {self.workdir} failed ({e.strerror or e}); free the space "
+                        f"(or restore access) and rerun the same command to go on from the newest checkpoint") from None
     self.show(step, metrics)
 
   def show(self, step: int, metrics: dict[str, float]) -> None:

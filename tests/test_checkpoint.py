@@ -232,6 +232,23 @@ def test_full_disk_fails_the_save_clearly_and_keeps_earlier_checkpoints(straight
   assert run_trainer(workdir, *STEPS[1:], "train.steps=14").returncode == 0
 
 
+def test_a_full_disk_under_the_metrics_is_one_line(straight, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  rows = (workdir / "metrics.jsonl").read_text()
+  limit = len(rows) + 20  # room for no further metrics row
+  (workdir / "metrics.jsonl").write_text(rows)
+
+  def small_files():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  out = run_trainer(workdir, *STEPS[1:], "train.steps=14", preexec_fn=small_files)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (f"error: writing the metrics of step 13 to {workdir} failed (File too large); "
+                                                "free the space (or restore access) and rerun the same command to go on from the newest checkpoint")
+
+
 def test_a_checkpoint_manager_closed_at_once_leaves_no_thread_behind(tmp_path):
   """As after a config error: orbax cleans temporary directories in a thread that close must wait for."""
   code = f"from lm.checkpoint import Checkpoints; Checkpoints({str(tmp_path / 'c')!r}).close()"
