@@ -51,14 +51,8 @@ def read_prompts(path: str) -> list[str]:
 def shared_prompts(path: str) -> list[str]:
   """The prompts every process reads, alike: a host whose copy differs or that cannot read it (its own
   disk) stops them all with one line, where it alone would fail and leave the others waiting."""
-  try:
-    prompts = read_prompts(path)
-    seen = prompts_digest(prompts)
-  except ConfigError as e:
-    prompts, seen = [], f"unreadable: {e}"
-  distributed.check_same_config({"prompts": seen})
-  if not prompts:
-    raise ConfigError(seen.removeprefix("unreadable: "))
+  prompts = distributed.all_or_none(read_prompts, path)
+  distributed.check_same_config({"prompts": prompts_digest(prompts)})
   return prompts
 
 

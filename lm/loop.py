@@ -57,7 +57,7 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
     tokenizer = distributed.all_or_none(Tokenizer, cfg.tokenizer.path)
     # The run keeps a copy, which outlives a moved original; a fresh run's replaces an earlier attempt's.
     if jax.process_index() == 0 and (not path.exists() or fresh and file_digest(path) != tokenizer.sha256):
-      write_file(path, Path(tokenizer.path).read_bytes())
+      write_file(path, tokenizer.path.read_bytes())
     return tokenizer
   exists = distributed.from_first(path.exists())
   if not exists and inherited is not None:
@@ -243,9 +243,10 @@ def start_state(steps: Steps, ckpts: Checkpoints, source: tuple[Checkpoints, int
                 say: Callable[[str], None]) -> TrainState:
   """This run's newest readable checkpoint, else the --init-from run's parameters, else a fresh init."""
   abstract = steps.abstract_state()
-  had_checkpoints = distributed.from_first(bool(ckpts.steps()))  # one answer, as the raise below must be
   state = resume.restore_newest(ckpts, cfg, meta, workdir, abstract, data_iter, say)
-  if state is None and had_checkpoints and init_from:  # its own, all unreadable: not a start from random weights
+  # --init-from without its `source`: the run had checkpoints of its own, all unreadable. Not a start
+  # from random weights.
+  if state is None and init_from and source is None:
     raise ConfigError(f"every checkpoint in {workdir} was unreadable and is set aside in checkpoints_unreadable/; "
                       f"rerun the same command to start from --init-from {init_from}")
   if state is None and source is not None:
