@@ -249,6 +249,9 @@ def cache_tokenizer(cfg: DataConfig) -> Path | None:
 
 
 def check_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+  if tokenizer.eos_id < 0:  # every document's last target would be -1: the vocabulary's last piece, silently
+    raise ConfigError(f"tokenizer {tokenizer.path} has no end-of-sequence piece (eos_id=-1), which training puts after "
+                      f"every document; use a tokenizer that has one")
   digest = tokenizer.sha256
   for cache in _caches(cfg):
     if cache.tokenizer_sha256 != digest:

@@ -145,15 +145,19 @@ class StopRequest:
   def _handle(self, signum: int, frame: Any) -> None:
     self.received = signum
 
-  def agreed(self, waits_anyway: bool) -> bool:
-    """True on every process, at the same step, once any process received a signal. Across processes
-    that takes an all-gather, which waits for the step in flight, so it is asked only every `log.every`
-    steps (every step when that is 0) and at steps that evaluate or save (which wait anyway); a step
-    between says no."""
-    asked = self.received is not None
+  def agreed(self, waits_anyway: bool, check: Callable[[], None]) -> bool:
+    """True on every process, at the same step, once any process received a signal; where `check`
+    raises on any process (process 0 could not write the metrics), its error on every one. Across
+    processes that takes all-gathers, which wait for the step in flight, so it is asked only every
+    `log.every` steps (every step when that is 0) and at steps that evaluate or save (which wait
+    anyway); a step between says no."""
     if jax.process_count() == 1:
-      return asked
-    return waits_anyway and bool(np.max(multihost_utils.process_allgather(np.int32(asked))))
+      check()
+      return self.received is not None
+    if not waits_anyway:
+      return False
+    distributed.all_or_none(check)
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.received is not None))))
 
   def restore(self) -> None:
     for s, handler in self.previous.items():
@@ -370,7 +374,7 @@ def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_bat
     last = done == cfg.train.steps
     evaluate_now = bool(val_batches) and (due(done, cfg.eval.every) or last)
     save_now = due(done, cfg.checkpoint.every) or last
-    stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every or 1))  # log.every=0: every step
+    stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every or 1), log.writer.check)  # log.every=0: every step
     save_now = save_now or stopping
     if evaluate_now or save_now:
       log(*pending)  # a NaN stops here, before anything is saved
@@ -384,4 +388,5 @@ def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_bat
     if stopping:
       log.writer.say(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} at step {done}; checkpoint saved")
       break
+  distributed.all_or_none(log.writer.check)  # the last step's rows
   return state

@@ -17,13 +17,16 @@ from lm.config import ConfigError
 
 class MetricsWriter:
   """Writes only where `enabled` (process 0), so several hosts never write the same files. Metrics
-  are written from `begin` on, once the run knows the step it starts from."""
+  are written from `begin` on, once the run knows the step it starts from. A write that fails (a full
+  disk) is kept as `failure`, and nothing more is written: the loop stops every process with it at a
+  step they all agree on (one that raised alone would leave the others waiting for it)."""
 
   def __init__(self, workdir: Path, total_steps: int, enabled: bool = True):
     self.enabled, self.workdir, self.total = enabled, workdir, total_steps
     self.path = workdir / "metrics.jsonl"
     self.tb: SummaryWriter | None = None
     self.bar = None
+    self.failure: str | None = None
 
   def begin(self, start: int) -> None:
     """From step `start`: TensorBoard hides what an earlier run logged after it (those steps are
@@ -35,7 +38,7 @@ class MetricsWriter:
       self.bar = tqdm.tqdm(total=self.total, initial=start, unit="step", dynamic_ncols=True)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self.enabled:
+    if not self.enabled or self.failure:
       return
     try:
       with self.path.open("a") as f:
@@ -44,9 +47,14 @@ class MetricsWriter:
         self.tb.add_scalar(name, value, step)
       self.tb.flush()
     except OSError as e:  # a full disk, storage gone: one line, and the checkpoints on disk serve a rerun
-      raise ConfigError(f"writing the metrics of step {step} to {self.workdir} failed ({e.strerror or e}); free the space "
-                        f"(or restore access) and rerun the same command to go on from the newest checkpoint") from None
+      self.failure = (f"writing the metrics of step {step} to {self.workdir} failed ({e.strerror or e}); free the space "
+                      f"(or restore access) and rerun the same command to go on from the newest checkpoint")
+      return
     self.show(step, metrics)
+
+  def check(self) -> None:
+    if self.failure:
+      raise ConfigError(self.failure)
 
   def show(self, step: int, metrics: dict[str, float]) -> None:
     parts = []

@@ -1,5 +1,6 @@
 """Several simulated hosts on this machine, through launch.local_cluster."""
 
+import contextlib
 import json
 import re
 import shutil
@@ -227,3 +228,26 @@ def test_start_up_errors_are_one_line_on_every_process(tmp_path):
   assert proc.returncode == 1
   for p, who in ((0, ""), (1, "process 0: ")):
     assert re.search(rf"^\[p{p}\] error: {who}cannot train a bpe tokenizer with tokenizer.vocab_size=4000: ", stderr, re.M), stderr
+
+
+def test_metrics_process_0_cannot_write_stop_every_process(tmp_path):
+  """Only process 0 writes metrics: when that fails, the others stop with its line (they waited for it
+  at their next collective)."""
+  workdir = tmp_path / "run"
+  proc = cluster(workdir, "train.steps=200")
+  metrics_file = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 300
+  while not (metrics_file.exists() and len(losses(workdir)) >= 2):
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.05)
+  while not metrics_file.is_dir():  # storage that refuses process 0's next row
+    metrics_file.unlink(missing_ok=True)
+    with contextlib.suppress(FileExistsError):  # process 0 wrote a row in between
+      metrics_file.mkdir()
+  stderr = finish([proc], 120)[0]
+  assert proc.returncode == 1, stderr
+  step = int(re.search(r"\[p0\] error: writing the metrics of step (\d+) ", stderr).group(1))
+  assert step < 200
+  line = (f"writing the metrics of step {step} to {workdir} failed (Is a directory); free the space (or restore access) "
+          "and rerun the same command to go on from the newest checkpoint")
+  assert f"[p0] error: {line}" in stderr and f"[p1] error: process 0: {line}" in stderr

@@ -395,6 +395,12 @@ def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer
   other = Tokenizer(shared_data / "c4_en_32k_sentencepiece.model")
   with pytest.raises(ConfigError, match=r"^token cache '.*cache' was prepared with tokenizer .*t.model, not .*c4_en_32k_sentencepiece.model; set tokenizer.path=.*cache/tokenizer.model or prepare the cache again with this one$"):
     data.check_tokenizer(DataConfig(source=f"tokens:{tmp_path / 'cache'}"), other)
+  import sentencepiece as spm
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(["a document without an end", "and another"] * 50),
+                                 model_prefix=str(tmp_path / "no-eos"), model_type="char", eos_id=-1, minloglevel=2)
+  with pytest.raises(ConfigError, match=r"^tokenizer .*no-eos.model has no end-of-sequence piece \(eos_id=-1\), which training "
+                                        r"puts after every document; use a tokenizer that has one$"):
+    data.check_tokenizer(DataConfig(), Tokenizer(tmp_path / "no-eos.model"))
   with pytest.raises(ConfigError, match=r"^'.*cache' holds a token cache made otherwise \(tokenizer: .*t.model then, .*c4_en_32k_sentencepiece.model now \(another SHA-256\)\); rerun with those settings, or use another directory$"):
     token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), other, tmp_path / "cache", workers=1, shard_docs=4)
   rerun = prepare(f"data.source={tmp_path / 'txt'}", "--out", tmp_path / "cache", "--shard-docs", 8, f"tokenizer.path={tokenizer.path}")
