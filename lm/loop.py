@@ -130,19 +130,34 @@ def roll_back_metrics(workdir: Path, step: int) -> None:
   if len(keep) < len(rows):
     with (workdir / "metrics.rolled-back.jsonl").open("a") as f:
       f.writelines(r if r.endswith("\n") else r + "\n" for r in rows if r not in keep)
-    path.write_text("".join(keep))
+    write_file(path, "".join(keep).encode())  # whole: a kill or a full disk midway would lose every row kept
+
+
+def record_start(cfg: Config, workdir: Path, start: int) -> None:
+  """Process 0 writes the settings the checkpoint accepted and rolls the metrics back to `start`."""
+  if jax.process_index() == 0:
+    try:
+      config.save(cfg, workdir / "config.yaml")
+      roll_back_metrics(workdir, start)
+    except OSError as e:
+      raise ConfigError(f"writing to {workdir} failed ({e.strerror or e}); free the space (or restore access) and rerun") from None
 
 
 class StopRequest:
-  """SIGTERM (a preemption notice) or SIGINT (Ctrl-C) asks the loop to save and stop."""
+  """SIGTERM (a preemption notice) or SIGINT (Ctrl-C) asks the loop to save and stop. It listens from
+  the start of set-up: there, on several processes, JAX's preemption service would take a SIGTERM and
+  drop it (the run then trained on until killed). A Ctrl-C before `training` interrupts at once."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received: int | None = None
+    self.training = False
     self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum: int, frame: Any) -> None:
+    if signum == signal.SIGINT and not self.training:
+      raise KeyboardInterrupt
     self.received = signum
 
   def agreed(self, waits_anyway: bool, check: Callable[[], None]) -> bool:
@@ -230,6 +245,13 @@ class Saves:
       raise self._failed(self.asked or step, e) from None
     self.asked = step
 
+  def wait(self) -> None:
+    """For the save in flight."""
+    try:
+      self.ckpts.wait()
+    except Exception as e:
+      raise self._failed(self.asked, e) from None
+
   def close(self) -> None:
     """Waits for the save in flight."""
     try:
@@ -278,15 +300,18 @@ def run(cfg: Config, workdir: str | Path, init_from: str | None = None) -> Train
   if t.batch_size // t.grad_accum % dp:
     raise ConfigError(f"train.batch_size/train.grad_accum={t.batch_size // t.grad_accum} is not divisible by the data-parallel size {dp}")
 
-  ckpts = Checkpoints(workdir / "checkpoints", cfg.checkpoint)
+  ckpts, stop = Checkpoints(workdir / "checkpoints", cfg.checkpoint), StopRequest()
   try:
-    return _setup_and_train(cfg, workdir, init_from, mesh, ckpts)
+    return _setup_and_train(cfg, workdir, init_from, mesh, ckpts, stop)
   except BaseException:
     ckpts.close()  # its background threads would otherwise outlive the error line with a traceback
     raise
+  finally:
+    stop.restore()
 
 
-def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: Any, ckpts: Checkpoints) -> TrainState:
+def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: Any, ckpts: Checkpoints,
+                     stop: StopRequest) -> TrainState:
   t, lead = cfg.train, jax.process_index() == 0
   # Process 0's listing, for all: a host whose listing lags would take other branches around collectives.
   resuming = distributed.from_first(bool(ckpts.steps()))
@@ -326,10 +351,8 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
                f"nothing is traced (set a later step)")
   elif cfg.profile.steps and cfg.profile.start_step > t.steps:
     writer.say(f"profile.start_step={cfg.profile.start_step} is after train.steps={t.steps}: nothing is traced (set an earlier step)")
+  distributed.all_or_none(record_start, cfg, workdir, start)
   writer.begin(start)
-  if lead:
-    config.save(cfg, workdir / "config.yaml")  # only once the checkpoint accepted these settings
-    roll_back_metrics(workdir, start)
   val_batches = validation_batches(cfg, val_docs, tokenizer, stream)
   writer.say(f"model {count_params(cfg.model) / 1e6:.1f}M params | mesh {dict(mesh.shape)} | "
              f"vocab {tokenizer.vocab_size} | {t.batch_size}x{t.seq_len} tokens per step | step {start} of {t.steps}")
@@ -339,19 +362,20 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   elif mesh.devices.flat[0].platform == "cpu":
     writer.say(f"mfu is against this machine's float32 matmul rate, measured now: {peak / 1e9:.1f} GFLOP/s (lower while it is busy)")
   log = StepLog(cfg, writer, start, peak)
-  saves, stop, profile = Saves(ckpts, meta), StopRequest(), Profile(cfg.profile, workdir)
+  saves, profile = Saves(ckpts, meta), Profile(cfg.profile, workdir)
+  stop.training = True
   try:
     state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop, profile)
   finally:
     profile.stop()
     train_iter.close()
     writer.close()
-    try:
-      saves.close()  # the last save is written before a second notice can end the process
-    finally:
-      stop.restore()
+    saves.close()  # the last save is written before a second notice can end the process
   if lead:
-    metrics.plot(workdir)
+    try:
+      metrics.plot(workdir)
+    except OSError as e:  # the run is trained and saved: say so, and what is missing
+      writer.say(f"the loss plot {workdir / 'loss.png'} could not be written ({e.strerror or e}); metrics.jsonl holds its numbers")
   return state
 
 
@@ -386,6 +410,7 @@ def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_bat
         log.writer.write(done, evaluate(steps, state, val_batches))
       log.clock.start()
     if stopping:
+      saves.wait()
       log.writer.say(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} at step {done}; checkpoint saved")
       break
   distributed.all_or_none(log.writer.check)  # the last step's rows

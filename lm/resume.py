@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lm import config
+from lm import config, distributed
 from lm.checkpoint import Checkpoints, RestoreFailed, UnreadableCheckpoint, open_run, run_step
 from lm.config import Config, ConfigError
 
@@ -94,12 +94,13 @@ def restore_newest(ckpts: Checkpoints, cfg: Config, meta: dict[str, Any], workdi
   so one that cannot read its part of a checkpoint moves them all on to the previous one. One that lacks
   the memory or access to take it in stops them all, and moves nothing."""
   fresh = data_iter.get_state()
-  for step in reversed(ckpts.steps()):
+  steps = distributed.from_first(ckpts.steps())  # one listing: hosts that listed apart would mix two steps' weights
+  for step in reversed(steps):
     error = failed_here = None
     try:
       saved = ckpts.meta(step)
       check_resumable(saved, cfg, meta, workdir, step)
-      check_retention(saved["config"], cfg, ckpts.steps(), f"cannot resume {workdir} from step {step}")
+      check_retention(saved["config"], cfg, steps, f"cannot resume {workdir} from step {step}")
       state = ckpts.restore(step, abstract_state, data_iter)
     except UnreadableCheckpoint as e:
       error = e

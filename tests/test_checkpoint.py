@@ -261,12 +261,20 @@ def test_unwritable_workdir_fails_at_start(tmp_path):
   out = run_trainer(tmp_path / "file" / "run")
   assert out.returncode == 1
   assert out.stderr.strip() == f"error: work directory '{tmp_path / 'file' / 'run'}' is not writable: Not a directory"
+  (tmp_path / "run" / "config.yaml").mkdir(parents=True)  # a file the run writes as it starts, that cannot be
+  out = run_trainer(tmp_path / "run", "train.steps=1")
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (f"error: writing to {tmp_path / 'run'} failed (Is a directory); "
+                                                 "free the space (or restore access) and rerun")
 
 
 def test_keeps_the_newest_k_and_every_m_th_checkpoint_and_zero_cadences_mean_the_last_step(tmp_path):
+  (tmp_path / "run" / "loss.png").mkdir(parents=True)  # the plot, written last, cannot be: the run is still done
   out = run_trainer(tmp_path / "run", "train.steps=9", "checkpoint.every=1", "checkpoint.keep=2", "checkpoint.keep_every=4",
                     "log.every=0", "eval.every=0")
-  assert out.returncode == 0, out.stderr
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+  assert (f"the loss plot {tmp_path / 'run' / 'loss.png'} could not be written (Is a directory); metrics.jsonl holds its numbers"
+          in out.stdout)
   assert Checkpoints(tmp_path / "run" / "checkpoints", read_only=True).steps() == [4, 8, 9]
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], "loss" in r, "val_loss" in r) for r in rows] == [(9, True, False), (9, False, True)]

@@ -158,6 +158,19 @@ def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
   assert ("[p0] error: cannot resume " + str(workdir) + " from step 8: this mesh gives the processes other rows of each batch "
           "than its data positions are of (process 0: rows 0-3 then, 0-7 now; process 1: rows 4-7 then, 0-7 now); "
           "resume with the mesh settings it was saved with") in stderr, stderr
+  # Hosts whose listings differ (step 8 committed between them): both resume from process 0's newest,
+  # 4, where the run ends, and sample it together (process 1 took up step 8 and did not sample)
+  for p in (0, 1):
+    shutil.copytree(workdir, tmp_path / f"host{p}" / "run")
+  shutil.rmtree(tmp_path / "host0" / "run" / "checkpoints" / "8")
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.train", "--workdir", "run", *SETTINGS, "mesh.data=2",
+                             "mesh.fsdp=2", "mesh.tensor=2", "train.steps=4"], cwd=tmp_path / f"host{p}",
+                            env=child_env(p, 2, 4, port) | {"PYTHONPATH": str(ROOT)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for p in (0, 1)]
+  outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], outputs
+  assert "resumed from step 4" in outputs[0] and "\nsample (" in outputs[0]
 
 
 def test_processes_with_different_settings_fail_naming_the_process(tmp_path, tokenizer, shared_data):
@@ -251,3 +264,19 @@ def test_metrics_process_0_cannot_write_stop_every_process(tmp_path):
   line = (f"writing the metrics of step {step} to {workdir} failed (Is a directory); free the space (or restore access) "
           "and rerun the same command to go on from the newest checkpoint")
   assert f"[p0] error: {line}" in stderr and f"[p1] error: process 0: {line}" in stderr
+
+
+def test_a_sigterm_during_set_up_stops_every_process_at_their_first_agreed_step(tmp_path):
+  """Across processes JAX's preemption service took a SIGTERM that came before training, and the run
+  trained on until killed."""
+  workdir = tmp_path / "run"
+  proc = cluster(workdir, "train.steps=200")
+  deadline = time.monotonic() + 300
+  while not (workdir / "tokenizer.model").exists():  # trained and written during set-up
+    assert time.monotonic() < deadline and proc.poll() is None
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr
+  assert "[p0] stopped by SIGTERM at step 1; checkpoint saved" in stdout
+  assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["1"]
