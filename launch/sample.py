@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples, args.seed)
     check_quantize(args.quantize)
     kv_cache.check(args.kv_cache)
+    if args.batch_size < 1:
+      raise ConfigError(f"--batch-size={args.batch_size} must be at least 1")
     if args.chunk is not None and args.chunk < 1:
       raise ConfigError(f"--chunk={args.chunk} must be at least 1")
     if args.draft_tokens is not None and not (args.draft or args.speculate):
@@ -91,12 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr)
     # A bar on the terminal that completions are printed to would run into them.
     progress = jobs.Progress(len(requests), sys.stderr, writer and sys.stderr.isatty() and not (out is sys.stdout and out.isatty()))
-    t = sampler.timing
+    t, sink = sampler.timing, jobs.Sink(out, args.output, args.num_samples > 1)
     for completion in sampler.run(requests, knobs, batch_size=args.batch_size, chunk=args.chunk,
-                                  stop_tokens=args.stop_token, logprobs=args.logprobs):
+                                  stop_tokens=args.stop_token, logprobs=args.logprobs, check=sink.check):
+      sink.write(completion)
       if writer:
-        out.write(jobs.record(completion, args.num_samples > 1))
-        out.flush()
         progress.update(t.decode_tokens, t.decode_seconds)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

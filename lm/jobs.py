@@ -8,6 +8,7 @@ other settings refuses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -113,6 +114,35 @@ def record(c: Completion, with_sample: bool) -> str:
   row = {"index": c.index} | ({"sample": c.sample} if with_sample else {})
   row |= {"prompt": c.prompt, "completion": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
   return json.dumps(row | ({"logprobs": c.logprobs} if c.logprobs is not None else {})) + "\n"
+
+
+class Sink:
+  """Completions as they finish, one flushed JSON line each, written by one process (`out` is None on
+  the others). A write that fails (a full disk) is kept as `failure` and nothing more is written:
+  every process stops on it together at its next `check`, where one that stopped alone would leave
+  the others waiting for it."""
+
+  def __init__(self, out: TextIO | None, path: str | None, with_sample: bool):
+    self.out, self.path, self.with_sample = out, path, with_sample
+    self.failure: str | None = None
+
+  def write(self, c: Completion) -> None:
+    if self.out is None or self.failure:
+      return
+    try:
+      self.out.write(record(c, self.with_sample))
+      self.out.flush()
+    except BrokenPipeError:  # stdout's reader has gone: the caller ends quietly
+      raise
+    except OSError as e:
+      kept = f"; {self.path} holds the completions made so far, and the same command makes the rest" if self.path else ""
+      self.failure = f"writing the completions to {self.path or 'stdout'} failed ({e.strerror or e}){kept}"
+      with contextlib.suppress(OSError):
+        self.out.close()  # its buffer, cut short, is not written again at exit
+
+  def check(self) -> None:
+    if self.failure:
+      raise ConfigError(self.failure)
 
 
 class Progress:

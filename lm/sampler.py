@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ class Sampler:
     layer's weights apart (see `Transformer.decode`). `quantize="int8"`: int8 weights computed from
     them (lm.quantize). `kv="int8"`: an int8 key/value cache (lm.kv_cache)."""
     kv_cache.check(kv)
-    self.cfg, self.tokenizer, self.mesh, self.kv = cfg, tokenizer, mesh, kv
+    self.cfg, self.tokenizer, self.mesh, self.quantize, self.kv = cfg, tokenizer, mesh, quantize, kv
     self.speculation: Any = None  # an lm.speculative.Speculation: decode rounds of proposed tokens instead of steps
     self.rules = cfg.mesh.rules
     self.graphdef, _ = abstract_model(cfg.model, stacked=False)
@@ -229,7 +229,7 @@ class Sampler:
     finally:
       ckpts.close()
     sampler = cls(cfg, params, Tokenizer(tokenizer_path), mesh, quantize, kv)
-    sampler.workdir, sampler.step, sampler.tokenizer_digest = workdir.absolute(), step, meta["tokenizer"].get("sha256")
+    sampler.workdir, sampler.step, sampler.tokenizer_digest = workdir.resolve(), step, meta["tokenizer"].get("sha256")
     return sampler
 
   def encode(self, prompt: str) -> list[int]:
@@ -361,11 +361,13 @@ class Sampler:
                          jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps, window=window)
 
   def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int | None = None,
-          stop_tokens: Sequence[int] = (), logprobs: bool = False, static: int = 0) -> Iterator[Completion]:
+          stop_tokens: Sequence[int] = (), logprobs: bool = False, static: int = 0,
+          check: Callable[[], None] | None = None) -> Iterator[Completion]:
     """Completions in the order they finish. `static` > 0 batches as a fixed-batch sampler does (the
     benchmark's baseline): new prompts enter only when every slot is free, and each batch runs
     `static` decode steps (its max_new_tokens) however early its rows stop. `chunk`: decode steps
-    per compiled call, by default the config's `sample.chunk`."""
+    per compiled call, by default the config's `sample.chunk`. `check`: called after each chunk's
+    completions on every process; a ConfigError it raises on any stops them all."""
     if batch_size < 1:
       raise ConfigError(f"batch_size={batch_size} must be at least 1")
     stops = self.stops(stop_tokens)
@@ -411,6 +413,8 @@ class Sampler:
           yield self._completion(slot, reason, logprobs)
         if slot.finished and steps_in_batch >= static:  # static: the batch frees its slots together
           slots[s] = None
+      if check is not None:
+        distributed.all_or_none(check)
 
   def stops(self, stop_tokens: Sequence[int]) -> list[int]:
     """The token ids a row stops at: `stop_tokens` and end-of-sequence."""

@@ -239,9 +239,10 @@ def draft_model(spec: str) -> config.ModelConfig:
 
 
 def load_draft(target: Sampler, spec: str) -> Draft:
-  """`--draft DIR[:STEP]`: a run restored onto the target's mesh, trained with the target's tokenizer."""
+  """`--draft DIR[:STEP]`: a run restored onto the target's mesh, trained with the target's tokenizer, with
+  the target's int8 weights or cache where it has them."""
   workdir, step = run_step(spec)
-  draft = Sampler.from_workdir(workdir, step, mesh_cfg=target.cfg.mesh, kv=target.kv)
+  draft = Sampler.from_workdir(workdir, step, mesh_cfg=target.cfg.mesh, quantize=target.quantize, kv=target.kv)
   if draft.tokenizer_digest != target.tokenizer_digest:
     raise ConfigError(f"--draft '{workdir}' was trained with tokenizer SHA-256 {str(draft.tokenizer_digest)[:12]}..., "
                       f"the target with {str(target.tokenizer_digest)[:12]}...; a draft must share the target's tokenizer")
@@ -250,7 +251,7 @@ def load_draft(target: Sampler, spec: str) -> Draft:
 
 def speculate(target: Sampler, proposer: Ngram | Draft, k: int) -> None:
   """Makes `target` decode speculatively with `proposer` guessing `k` tokens a round."""
-  if k < 1:
-    raise ConfigError(f"--draft-tokens={k} must be at least 1")
+  if not 1 <= k < target.cfg.model.max_seq_len:
+    raise ConfigError(f"--draft-tokens={k} must be at least 1 and less than the model's max_seq_len={target.cfg.model.max_seq_len}")
   target.speculation = Speculation(proposer, k)
   target.compiled.clear()  # the engine state gains the proposer's: functions compiled without it no longer fit

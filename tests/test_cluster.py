@@ -3,6 +3,7 @@
 import contextlib
 import json
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -74,6 +75,24 @@ def test_two_processes_sample_what_one_process_samples(single, tmp_path):
   header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
   want = Sampler.from_workdir(single).generate(prompts, max_new_tokens=8, temperature=0.8, seed=3)
   assert sorted((r["index"], r["token_ids"]) for r in rows) == [(i, c.token_ids) for i, c in enumerate(want)]
+  # The same job resumed where process 0's disk fills up after one more line: every process stops with its line
+  full = tmp_path / "full.jsonl"
+  full.write_text("".join(out.read_text().splitlines(keepends=True)[:2]))
+  limit = full.stat().st_size + 50
+
+  def small_files():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, "-m", "launch.sample", *cmd[cmd.index("--workdir"):-1], str(full)], cwd=ROOT,
+                            env=child_env(p, 2, 2, port), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=small_files if p == 0 else None) for p in (0, 1)]
+  errors = finish(procs, 120)
+  assert [proc.returncode for proc in procs] == [1, 1], errors
+  line = (f"writing the completions to {full} failed (File too large); {full} holds the completions made so far, and the "
+          "same command makes the rest")
+  assert [e.splitlines()[-1] for e in errors] == [f"error: {line}", f"error: process 0: {line}"]
   # Hosts whose listings differ (a step committed between them): process 0's newest is every process's
   for p in (0, 1):
     shutil.copytree(single, tmp_path / f"host{p}" / "run")

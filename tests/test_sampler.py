@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -446,7 +447,7 @@ def sample_cli(*args):
     (["--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
     (["--prompt", "x", "--max-new-tokens", "5000"], "exceeds the model's max_seq_len=64"),
     (["--prompts", "{bad}"], "p.jsonl:2: malformed JSON"),
-    (["--prompt", "x", "--max-new-tokens", "4", "--batch-size", "-3"], "batch_size=-3 must be at least 1"),
+    (["--prompt", "x", "--max-new-tokens", "4", "--batch-size", "-3"], "--batch-size=-3 must be at least 1"),
     (["--prompt", "x", "mesh.data=-1", "mesh.tensor=-1"], "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
     (["--prompt", "x", "train.steps=3"], "override 'train.steps=3' is not a setting this command takes (mesh.data, "),
 ])
@@ -536,10 +537,23 @@ def test_a_killed_job_resumes_its_output(one_step_run, tmp_path):
   assert interrupted.returncode == 130
   assert interrupted.stderr.read().splitlines()[-1] == f"interrupted: {out} holds the completions made so far; the same command makes the rest"
   stop_part_way(signal.SIGKILL, out.read_text().count("\n") + 10)
+  killed = out.read_text().count("\n")
+  assert 30 <= killed < 1 + 2 * len(prompts)
+  limit = out.stat().st_size + 300  # a disk that fills up after a line or two: one line, what is written stays
+
+  def small_files():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  full = subprocess.run([sys.executable, "-m", "launch.sample", *args], cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files)
+  assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+  assert full.stderr.splitlines()[-1] == (f"error: writing the completions to {out} failed (File too large); {out} holds the "
+                                          "completions made so far, and the same command makes the rest")
   lines = out.read_text().count("\n")
-  assert 30 <= lines < 1 + 2 * len(prompts)
+  assert killed < lines < killed + 4
   with out.open("a") as f:
     f.write('{"index": 7, "sample": 1, "prompt": "def f7')  # what a kill mid-write leaves
+  args[1] = str(one_step_run.parent / ".." / one_step_run.parent.name / one_step_run.name)  # the same run, named otherwise
   done = sample_cli(*args, "--batch-size", "8", "sample.chunk=5")  # the chunk from the config key
   assert done.returncode == 0, done.stderr
   assert f"{2 * len(prompts) - lines + 1} completions to make" in done.stderr
@@ -585,5 +599,10 @@ def test_cli_speculative_decoding(one_step_run, tmp_path):
   target.tokenizer_digest = "0" * 64
   with pytest.raises(ConfigError, match=f"^--draft '{one_step_run}' was trained with tokenizer SHA-256 [0-9a-f]{{12}}\\.\\.\\., the target with 000000000000\\.\\.\\.; a draft must share the target's tokenizer$"):
     speculative.load_draft(target, str(one_step_run))
-  with pytest.raises(ConfigError, match="^--draft-tokens=0 must be at least 1$"):
-    speculative.speculate(target, speculative.Ngram(), 0)
+  for k in (0, 64):  # guesses past the longest sequence would only be dropped, after building [slots, K, vocab]
+    with pytest.raises(ConfigError, match=f"^--draft-tokens={k} must be at least 1 and less than the model's max_seq_len=64$"):
+      speculative.speculate(target, speculative.Ngram(), k)
+  # --quantize and --kv-cache apply to the draft as to the target
+  int8 = Sampler.from_workdir(one_step_run, quantize="int8", kv="int8", sharing=[speculative.draft_model(str(small))])
+  draft = speculative.load_draft(int8, str(small)).draft
+  assert draft.params["blocks"][0]["wq"].qvalue.dtype == jnp.int8 and draft.kv == "int8"
