@@ -324,9 +324,10 @@ def compile_step(cfg: config.Config, mesh, family: str, slices: int) -> dict:
       ("parameters per chip", size(per_chip(state.params))),
       ("optimizer state per chip", size(per_chip(state.opt_state))),
       *memory,
-      # XLA's cost model counts the body of the layer scan once, so its FLOPs and time cover one
-      # layer plus the rest; the MFU below compares the two like with like.
-      ("XLA FLOPs per chip per step", f"{count(xla_flops, ' TFLOP', ' GFLOP', 1e12)} (the layer scan's body counted once)"),
+      # XLA's cost model counts a loop's body once, so its FLOPs and time cover one layer (of one
+      # micro-batch, with train.grad_accum) plus the rest; the MFU below compares the two like with like.
+      ("XLA FLOPs per chip per step", f"{count(xla_flops, ' TFLOP', ' GFLOP', 1e12)} (the layer scan's body counted once"
+       + (f", and one of {cfg.train.grad_accum} micro-batches)" if cfg.train.grad_accum > 1 else ")")),
       ("model FLOPs per chip per step", f"{count(model_flops, ' TFLOP', ' GFLOP', 1e12)} (6 x parameters + attention, all layers)"),
       ("XLA estimated step time", f"{seconds:.4f} s (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
       ("implied MFU", f"{100 * xla_flops / seconds / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s (XLA FLOPs / XLA time)"
@@ -378,6 +379,8 @@ def collectives(hlo: str, devices: int) -> list[tuple[str, tuple[int, ...], int,
     elif name is not None:
       bodies[name].append(line)
   moved = lambda ops: sum(traffic(kind, b, n) * t for kind, _, b, t, n in ops)
+  # An async op is counted at its -done line, which names its -start: the groups are printed there.
+  starts = {m.group(1): line for line in hlo.splitlines() if (m := re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*-start\(", line))}
 
   def walk(comp: str, times: int) -> list[tuple[str, tuple[int, ...], int, int, int]]:
     found = []
@@ -387,7 +390,9 @@ def collectives(hlo: str, devices: int) -> list[tuple[str, tuple[int, ...], int,
         for dtype, dims in ARRAY.findall(op.group(1)):
           shape = tuple(int(d) for d in dims.split(",") if d)
           itemsize = 1 if dtype == "pred" or dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)) // 8
-          found.append((op.group(2), shape, math.prod(shape) * itemsize, times, group_size(line, devices)))
+          start = re.search(r"-done\(\S*?%?([\w.\-]+)\)", line)
+          found.append((op.group(2), shape, math.prod(shape) * itemsize, times,
+                        group_size(starts.get(start.group(1), line) if start else line, devices)))
       trips = int(m.group(1)) if (m := TRIPS.search(line)) else loop_bound(bodies, line)
       for kind, callees in CALLEE.findall(line):
         called = [walk(c.strip(), times * (trips if kind == "body" else 1)) for c in callees.replace("%", "").split(",")]

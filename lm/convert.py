@@ -80,11 +80,12 @@ def model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
   _unsupported(hf, where)
   d_model, heads = _require(hf, "hidden_size", where), _require(hf, "num_attention_heads", where)
   rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+  kv_heads_unset = 8 if hf.get("model_type") == "mistral" else None  # transformers' MistralConfig default
   # head_dim stays 0 where it is the derived value, so the config compares equal to one that omits it.
   explicit_head_dim = hf.get("head_dim") or 0
   return ModelConfig(
       vocab_size=_require(hf, "vocab_size", where), num_layers=_require(hf, "num_hidden_layers", where),
-      d_model=d_model, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      d_model=d_model, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", kv_heads_unset) or heads,
       head_dim=0 if explicit_head_dim * heads == d_model else explicit_head_dim,
       d_ff=_require(hf, "intermediate_size", where), max_seq_len=_require(hf, "max_position_embeddings", where),
       rope_theta=float(rope_theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -303,7 +304,17 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
   return step
 
 
+def tokenizer_config(tokenizer: Tokenizer, m: ModelConfig) -> dict[str, Any]:
+  """How transformers should encode text as we trained on it: a BOS id first (it adds none without
+  this file) and no space put in front (LlamaTokenizer's default; our pieces have no dummy prefix)."""
+  piece = lambda i: tokenizer.sp.id_to_piece(i) if i >= 0 else None
+  return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": tokenizer.bos_id >= 0, "add_eos_token": False,
+          "add_prefix_space": False, "bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
+          "unk_token": piece(tokenizer.sp.unk_id()), "model_max_length": m.max_seq_len}
+
+
 def write_hf(out: Path, m: ModelConfig, tokenizer: Tokenizer, params: dict[str, Any], shard_bytes: int) -> None:
   (out / "config.json").write_text(json.dumps(hf_config(m, tokenizer), indent=2))
   shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+  (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer, m), indent=2))
   write_tensors(out, params, m, shard_bytes)

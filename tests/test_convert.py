@@ -32,8 +32,9 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              max_position_embeddings=64)
 
 
-def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size="5GB", **settings):
-  """A random transformers model with the tokenizer's vocabulary, saved as safetensors."""
+def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size="5GB", unset=(), **settings):
+  """A random transformers model with the tokenizer's vocabulary, saved as safetensors; `unset`: keys
+  left out of its config.json (transformers reads its defaults)."""
   config_cls, model_cls = FAMILIES[family]
   torch.manual_seed(0)
   model = model_cls(config_cls(**{"vocab_size": tokenizer.vocab_size, **SHAPE, **settings}))
@@ -43,6 +44,8 @@ def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size
         p.uniform_(0.5, 1.5)  # not all ones, so a `1 + scale` convention on either side would show
   model.to(dtype).save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
   shutil.copyfile(tokenizer.path, path / "tokenizer.model")
+  written = json.loads((path / "config.json").read_text())
+  (path / "config.json").write_text(json.dumps({k: v for k, v in written.items() if k not in unset}))
   return path
 
 
@@ -61,6 +64,8 @@ PARITY = {
     "one kv head, head_dim 24, bfloat16 weights": dict(num_key_value_heads=1, head_dim=24, dtype=torch.bfloat16),
     "mistral without sliding window": dict(family="mistral", num_attention_heads=8, sliding_window=None,
                                            rope_theta=1e6),
+    "mistral, kv heads unset (8)": dict(family="mistral", num_attention_heads=16, num_key_value_heads=8,
+                                        sliding_window=None, unset=("num_key_value_heads",)),
 }
 
 
@@ -94,9 +99,12 @@ def test_export_import_round_trip_is_bit_exact_and_greedy_generation_matches(tok
   assert convert_main(["--to-hf", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
   ours = Sampler.from_workdir(tmp_path / "run")
   theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+  their_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
   prompts = ["def main(argv):\n    ", "import os", "class Tree:\n    def __init__(self"]
   for prompt, completion in zip(prompts, ours.generate(prompts, max_new_tokens=12, temperature=0)):
-    ids = ours.encode(prompt)  # with the BOS id in front, as transformers gets them
+    ids = ours.encode(prompt)  # with the BOS id in front
+    assert their_tokenizer(prompt)["input_ids"] == ids  # as transformers' tokenizer encodes it
+    assert their_tokenizer.decode(ids, skip_special_tokens=True) == prompt
     out = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                           do_sample=False, max_new_tokens=12)
     assert completion.token_ids == until_eos(out[0, len(ids):].tolist(), tokenizer.eos_id)

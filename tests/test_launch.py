@@ -264,6 +264,11 @@ def test_collective_groups_are_read_in_each_form_xla_prints():
   for groups, n in (("mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", 4), ("mesh['axis_0'=2,'axis_1'=1,'axis_2'=2] {'axis_1','axis_2'}", 2),
                     ("[2,4]<=[8]", 4), ("{{0,1},{2,3},{4,5},{6,7}}", 2), ("{}", 8)):
     assert aot.group_size(f"%g = f32[8]{{0}} all-gather(%x), replica_groups={groups}, dimensions={{0}}", 8) == n, groups
+  # an async op: counted once, at its -done, over the groups its -start names
+  async_hlo = ("ENTRY %main (x: f32[8]) -> f32[16] {\n"
+               "  %ag-start = (f32[8]{0}, f32[16]{0}) all-gather-start(%x), replica_groups={{0,1},{2,3}}, dimensions={0}\n"
+               "  ROOT %ag-done = f32[16]{0} all-gather-done(%ag-start)\n}\n")
+  assert aot.collectives(async_hlo, 4) == [("all-gather", (16,), 64, 1, 2)]
   assert aot.traffic("reduce-scatter", 10, 4) == 30 and aot.traffic("collective-permute", 10, 4) == 10
   assert aot.traffic("all-reduce", 10, 1) == 0  # a group of one device moves nothing
 
