@@ -4,13 +4,15 @@ block index built once and cached beside each file."""
 from __future__ import annotations
 
 import bisect
+import collections
 import gzip
 import io
 import json
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -45,8 +47,34 @@ def record_text(line: bytes, where: str, field: str) -> str:
   return utf8(record[field])
 
 
+T = TypeVar("T")
+RECENT_BLOCKS = 16  # decoded row groups or blocks a reader keeps: shuffled reads reach every file's
+
+
+class Recent:
+  """The last `size` values loaded, by key; one that is not here is loaded (and the least recent
+  dropped). Readers' threads share it: training reads while validation does."""
+
+  def __init__(self, size: int):
+    self.size, self.values, self.lock = size, collections.OrderedDict(), threading.Lock()
+
+  def get(self, key: Hashable, load: Callable[[], T]) -> T:
+    with self.lock:
+      value = self.values.pop(key) if key in self.values else load()
+      self.values[key] = value
+      if len(self.values) > self.size:
+        self.values.popitem(last=False)
+      return value
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {"size": self.size}  # a worker process loads its own
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["size"])
+
+
 class Parquet:
-  """Each row's `field`; a document is read with its row group, and the last row group of each file is kept."""
+  """Each row's `field`; a document is read with its row group, and the last RECENT_BLOCKS row groups read are kept."""
 
   def __init__(self, paths: Sequence[str], field: str):
     self.paths, self.field, self.groups, self.starts = list(paths), field, [], [0]
@@ -63,7 +91,7 @@ class Parquet:
           self.groups.append((f, g, file_row))
           self.starts.append(self.starts[-1] + rows)
           file_row += rows
-    self.cached: dict[int, tuple[int, list[Any]]] = {}
+    self.recent: Recent = Recent(RECENT_BLOCKS)
 
   def __len__(self) -> int:
     return self.starts[-1]
@@ -71,17 +99,11 @@ class Parquet:
   def __getitem__(self, i: int) -> str:
     k = bisect.bisect_right(self.starts, i) - 1
     f, g, file_row = self.groups[k]
-    group = self.cached.get(f)  # a local, since validation may read while the training thread does
-    if group is None or group[0] != g:
-      group = g, pq.ParquetFile(self.paths[f]).read_row_group(g, columns=[self.field]).column(0).to_pylist()
-      self.cached[f] = group
-    text = group[1][i - self.starts[k]]
+    group = self.recent.get((f, g), lambda: pq.ParquetFile(self.paths[f]).read_row_group(g, columns=[self.field]).column(0).to_pylist())
+    text = group[i - self.starts[k]]
     if not isinstance(text, str):
       raise ConfigError(f"{self.paths[f]}: row {file_row + i - self.starts[k]}: '{self.field}' is {type(text).__name__}, not a string")
     return text
-
-  def __getstate__(self) -> dict[str, Any]:
-    return {**self.__dict__, "cached": {}}
 
 
 def _decompressed(path: str):
@@ -148,7 +170,7 @@ class CompressedJsonLines:
       index = dict(np.load(index_path))
       self.files.append(index)
       self.counts.append(self.counts[-1] + len(index["starts"]))
-    self.cached: dict[int, tuple[int, bytes]] = {}
+    self.recent: Recent = Recent(RECENT_BLOCKS)
 
   def __len__(self) -> int:
     return self.counts[-1]
@@ -158,16 +180,13 @@ class CompressedJsonLines:
     index, k = self.files[f], i - self.counts[f]
     start = int(index["starts"][k])
     b = bisect.bisect_right(index["block_starts"], start) - 1
-    block = self.cached.get(f)
-    if block is None or block[0] != b:
-      with open(self.paths[f] + INDEX_SUFFIXES[1], "rb") as fh:
-        fh.seek(int(index["block_offsets"][b]))
-        raw = fh.read(int(index["block_offsets"][b + 1] - index["block_offsets"][b]))
-      block = b, zstandard.ZstdDecompressor().decompress(raw)
-      self.cached[f] = block
+    block = self.recent.get((f, b), lambda: self._block(f, b))
     base = int(index["block_starts"][b])
-    line = block[1][start - base:int(index["ends"][k]) - base]
+    line = block[start - base:int(index["ends"][k]) - base]
     return record_text(line, f"{self.paths[f]}:{int(index['linenos'][k])}", self.field)
 
-  def __getstate__(self) -> dict[str, Any]:
-    return {**self.__dict__, "cached": {}}
+  def _block(self, f: int, b: int) -> bytes:
+    offsets = self.files[f]["block_offsets"]
+    with open(self.paths[f] + INDEX_SUFFIXES[1], "rb") as fh:
+      fh.seek(int(offsets[b]))
+      return zstandard.ZstdDecompressor().decompress(fh.read(int(offsets[b + 1] - offsets[b])))

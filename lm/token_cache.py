@@ -21,9 +21,11 @@ import numpy as np
 import tqdm
 
 from lm.config import ConfigError
+from lm.formats import Recent
 from lm.tokenizer import Tokenizer
 
 FORMAT = 1
+OPEN_SHARDS = 128  # memory maps a reader keeps open, each holding a file descriptor: shuffled reads reach every shard
 _worker: dict[str, Any] = {}  # the documents and tokenizer of a prepare worker process
 
 
@@ -119,7 +121,7 @@ class TokenCache:
       raise ConfigError(f"'{index_path}' is not a token cache's index; rerun the lm-prepare command that wrote it, into a new directory")
     if self.index.get("format") != FORMAT or not self.index.get("complete"):
       raise ConfigError(f"token cache '{folder}' is incomplete; rerun the same lm-prepare command to finish it")
-    self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # (tokens, offsets), opened on first use
+    self.shards: Recent = Recent(OPEN_SHARDS)  # (tokens, offsets), opened on first use
 
   @property
   def tokenizer_sha256(self) -> str:
@@ -130,11 +132,9 @@ class TokenCache:
 
   def __getitem__(self, i: int) -> np.ndarray:
     s, k = divmod(i, self.index["shard_docs"])
-    if s not in self.shards:
-      tokens_path, offsets_path = _shard_paths(self.dir, s)
-      self.shards[s] = np.load(tokens_path, mmap_mode="r").view(np.ndarray), np.load(offsets_path)  # plain views: cheaper slices
-    tokens, offsets = self.shards[s]
-    return tokens[offsets[k]:offsets[k + 1]]
+    tokens, offsets = self.shards.get(s, lambda: self._open(s))
+    return tokens[offsets[k]:offsets[k + 1]].copy()  # not a view, which would keep a dropped shard's map open
 
-  def __getstate__(self) -> dict[str, Any]:
-    return {**self.__dict__, "shards": {}}  # memory maps are reopened in each worker process
+  def _open(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens_path, offsets_path = _shard_paths(self.dir, s)
+    return np.load(tokens_path, mmap_mode="r").view(np.ndarray), np.load(offsets_path)  # plain views: cheaper slices

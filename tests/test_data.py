@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 import re
 import shutil
 
@@ -268,11 +269,13 @@ def write_corpus_formats(folder, texts):
 def test_parquet_gzip_and_zstd_sources_round_trip_and_name_bad_rows(tmp_path, monkeypatch):
   from lm import formats
   monkeypatch.setattr(formats, "BLOCK_BYTES", 200)  # many blocks, so documents are found across them
+  monkeypatch.setattr(formats, "RECENT_BLOCKS", 1)  # and a reader keeps no more than this many decoded
   texts = write_docs(tmp_path / "txt", 30)
   write_corpus_formats(tmp_path, texts)
   for spec in (f"parquet:{tmp_path}/*.parquet", f"jsonl:{tmp_path}/*.jsonl.gz", f"jsonl:{tmp_path}/*.jsonl.zst"):
     source = data.open_source(spec, text_field="body")
     assert [source[i] for i in reversed(range(len(source)))] == texts[::-1], spec
+    assert len(source.recent.values) == 1
   index = tmp_path / "docs.jsonl.zst.lmindex.npz"
   built = index.stat().st_mtime_ns
   assert data.open_source(f"jsonl:{tmp_path}/*.jsonl.zst", text_field="body")[29] == texts[29]
@@ -353,6 +356,21 @@ def prepare(*args):
   from tests.conftest import ROOT
   return subprocess.run([sys.executable, "-m", "launch.prepare", "--quiet", *map(str, args)], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
+
+
+def test_a_token_cache_reader_keeps_few_shards_open(tmp_path, tokenizer, monkeypatch):
+  """Shuffled reads reach every shard: each one kept open held a file descriptor and a memory map,
+  past a process's limits on a large cache."""
+  texts = write_docs(tmp_path / "txt", 12)
+  token_cache.prepare(data.documents(str(tmp_path / "txt")), str(tmp_path / "txt"), tokenizer, tmp_path / "cache",
+                      workers=1, shard_docs=1, progress=False)
+  monkeypatch.setattr(token_cache, "OPEN_SHARDS", 3)
+  cache = token_cache.TokenCache(tmp_path / "cache")
+  open_files = lambda: len(os.listdir("/proc/self/fd"))
+  before = open_files()
+  got = {i: cache[i].tolist() for i in np.random.default_rng(0).permutation(12).tolist() * 2}
+  assert open_files() - before <= 3
+  assert got == {i: tokenizer.encode(texts[i]) for i in range(12)}
 
 
 def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer(tmp_path, tokenizer, shared_data):
