@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
       check_trained_as(tokenizer, cfg.tokenizer, "--out")
     else:  # on the documents that training from the cache does not hold out, as lm-train's own
       tokenizer = train_tokenizer(training_documents(docs, cfg.data), cfg.tokenizer, out / "tokenizer.model")
-    index = token_cache.prepare(docs, cfg.data.source, tokenizer, args.out, workers=args.workers,
-                                shard_docs=args.shard_docs, progress=not args.quiet)
+    index = token_cache.prepare(docs, cfg.data.source, tokenizer, args.out, workers=args.workers, shard_docs=args.shard_docs,
+                                progress=not args.quiet, text_field=data.text_field(cfg.data))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

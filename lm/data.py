@@ -187,6 +187,11 @@ def open_source(spec: str, text_field: str = "text") -> Any:
   return source
 
 
+def text_field(cfg: DataConfig) -> str | None:
+  """The field data.source's documents are read from: None for sources that are not records."""
+  return cfg.text_field if cfg.source.partition(":")[0] in ("jsonl", "parquet") else None
+
+
 def documents(spec: str, text_field: str = "text") -> Any:
   """A source's documents, a single long text cut into chunks: what a token cache stores, and what
   training or validation reads of a source that is not split."""

@@ -71,14 +71,17 @@ def existing(out: Path) -> dict[str, Any] | None:
 
 
 def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, workers: int, shard_docs: int,
-            progress: bool = True) -> dict[str, Any]:
-  """Writes (or finishes) the cache of `docs`, the documents of `source`, in `out`; returns its index."""
+            progress: bool = True, text_field: str | None = None) -> dict[str, Any]:
+  """Writes (or finishes) the cache of `docs`, the documents of `source` (their records' `text_field`,
+  for sources of records), in `out`; returns its index."""
   out = Path(out)
-  plan = {"format": FORMAT, "source": source, "documents": len(docs), "shard_docs": shard_docs,
+  plan = {"format": FORMAT, "source": source, "text_field": text_field, "documents": len(docs), "shard_docs": shard_docs,
           "tokenizer": {"path": str(tokenizer.path.absolute()), "sha256": tokenizer.sha256}}
   index_path = out / "index.json"
   if old := existing(out):
-    differ = [f"{k}: {old.get(k)!r} then, {plan[k]!r} now" for k in ("format", "source", "documents", "shard_docs") if old.get(k) != plan[k]]
+    old.setdefault("text_field", text_field)  # a cache written before the field was recorded
+    differ = [f"{k}: {old.get(k)!r} then, {plan[k]!r} now" for k in ("format", "source", "text_field", "documents", "shard_docs")
+              if old.get(k) != plan[k]]
     if old["tokenizer"]["sha256"] != plan["tokenizer"]["sha256"]:
       differ.append(f"tokenizer: {old['tokenizer'].get('path')} then, {tokenizer.path} now (another SHA-256)")
     if differ:

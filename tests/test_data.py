@@ -424,6 +424,14 @@ def test_token_cache_reads_like_its_source_resumes_and_refuses_another_tokenizer
   rerun = prepare(f"data.source={tmp_path / 'txt'}", "--out", tmp_path / "cache", "--shard-docs", 8, f"tokenizer.path={tokenizer.path}")
   assert rerun.returncode == 1 and rerun.stderr == (f"error: '{tmp_path / 'cache'}' holds a token cache made otherwise (shard_docs: 4 then, "
                                                     f"8 now); rerun with those settings, or use another directory\n")
+  # records of two fields: a cache of one, and a rerun that names the other (it finished the first's)
+  records = tmp_path / "records.jsonl"
+  records.write_text("".join(json.dumps({"body": f"body {i} " * 5, "title": f"title {i}"}) + "\n" for i in range(12)))
+  fields = ["--shard-docs", 4, f"data.source=jsonl:{records}", f"tokenizer.path={tokenizer.path}", "--out", tmp_path / "records"]
+  assert prepare(*fields, "data.text_field=body").returncode == 0
+  rerun = prepare(*fields, "data.text_field=title")
+  assert rerun.returncode == 1 and rerun.stderr == (f"error: '{tmp_path / 'records'}' holds a token cache made otherwise (text_field: "
+                                                    f"'body' then, 'title' now); rerun with those settings, or use another directory\n")
   (tmp_path / "cache" / "index.json").write_text('{"format": ')  # a disk that filled up as it was written
   with pytest.raises(ConfigError, match=r"^'.*cache/index.json' is not a token cache's index; rerun the lm-prepare command that wrote it, into a new directory$"):
     data.open_source(f"tokens:{tmp_path / 'cache'}")
