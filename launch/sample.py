@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
   logging.set_verbosity(logging.ERROR)  # orbax's routine warnings are not the user's business
 
+  sink = None
   try:
     distributed.initialize()
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples, args.seed)
@@ -100,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
       if writer:
         progress.update(t.decode_tokens, t.decode_seconds)
   except ConfigError as e:
+    if sink is not None and sink.reader_gone:  # `| head` has what it wanted: stop quietly, as a shell tool does
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's own last flush is quiet too
+      return 141
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except BrokenPipeError:  # stdout's reader has gone (`| head`): stop quietly, as a shell tool does
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's own last flush is quiet too
-    return 141
   except KeyboardInterrupt:  # every finished completion is already in the file
     kept = f": {args.output} holds the completions made so far; the same command makes the rest" if args.output else ""
     print(f"interrupted{kept}", file=sys.stderr)

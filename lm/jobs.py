@@ -125,6 +125,7 @@ class Sink:
   def __init__(self, out: TextIO | None, path: str | None, with_sample: bool):
     self.out, self.path, self.with_sample = out, path, with_sample
     self.failure: str | None = None
+    self.reader_gone = False  # stdout's reader (`| head`): the job ends quietly, as a shell tool does
 
   def write(self, c: Completion) -> None:
     if self.out is None or self.failure:
@@ -132,8 +133,8 @@ class Sink:
     try:
       self.out.write(record(c, self.with_sample))
       self.out.flush()
-    except BrokenPipeError:  # stdout's reader has gone: the caller ends quietly
-      raise
+    except BrokenPipeError:
+      self.failure, self.reader_gone = "the reader of the completions (stdout) has gone", True
     except OSError as e:
       kept = f"; {self.path} holds the completions made so far, and the same command makes the rest" if self.path else ""
       self.failure = f"writing the completions to {self.path or 'stdout'} failed ({e.strerror or e}){kept}"

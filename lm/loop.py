@@ -122,11 +122,11 @@ def evaluate(steps: Steps, state: TrainState, val_batches: list[dict[str, np.nda
 
 
 def roll_back_metrics(workdir: Path, step: int) -> None:
-  """Rows after the step we start from are moved aside: they are about to be recomputed. So is a
-  last row cut short by a killed run."""
+  """Rows after the step we start from are moved aside: they are about to be recomputed. So are a
+  last row cut short by a killed run, and lines that are no rows."""
   path = workdir / "metrics.jsonl"
   rows = path.read_text().splitlines(keepends=True) if path.exists() else []
-  keep = [r for r in rows if r.endswith("\n") and metrics.row_step(r) <= step]
+  keep = [r for r in rows if r.endswith("\n") and 0 <= metrics.row_step(r) <= step]
   if len(keep) < len(rows):
     with (workdir / "metrics.rolled-back.jsonl").open("a") as f:
       f.writelines(r if r.endswith("\n") else r + "\n" for r in rows if r not in keep)
@@ -141,12 +141,15 @@ def record_start(cfg: Config, workdir: Path, start: int) -> None:
       roll_back_metrics(workdir, start)
     except OSError as e:
       raise ConfigError(f"writing to {workdir} failed ({e.strerror or e}); free the space (or restore access) and rerun") from None
+    except UnicodeDecodeError:
+      raise ConfigError(f"{workdir / 'metrics.jsonl'} is not text; move it aside and rerun") from None
 
 
 class StopRequest:
-  """SIGTERM (a preemption notice) or SIGINT (Ctrl-C) asks the loop to save and stop. It listens from
-  the start of set-up: there, on several processes, JAX's preemption service would take a SIGTERM and
-  drop it (the run then trained on until killed). A Ctrl-C before `training` interrupts at once."""
+  """SIGTERM (a preemption notice) or SIGINT (Ctrl-C) asks the loop to save and stop. Before `training`
+  either ends the process at once, as it would without us (there is nothing to save), except a SIGTERM
+  across processes, which waits for the first agreed step: there JAX's preemption service would take
+  it and drop it, and the run trained on until killed."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -156,8 +159,13 @@ class StopRequest:
     self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum: int, frame: Any) -> None:
-    if signum == signal.SIGINT and not self.training:
+    if not self.training and signum == signal.SIGINT:
       raise KeyboardInterrupt
+    if not self.training and jax.process_count() == 1:  # as if we were not listening yet
+      signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
+      signal.raise_signal(signum)
+      signal.signal(signum, self._handle)
+      return
     self.received = signum
 
   def agreed(self, waits_anyway: bool, check: Callable[[], None]) -> bool:
@@ -247,15 +255,15 @@ class Saves:
 
   def wait(self) -> None:
     """For the save in flight."""
-    try:
-      self.ckpts.wait()
-    except Exception as e:
-      raise self._failed(self.asked, e) from None
+    self._reporting(self.ckpts.wait)
 
   def close(self) -> None:
     """Waits for the save in flight."""
+    self._reporting(self.ckpts.close)
+
+  def _reporting(self, fn: Callable[[], None]) -> None:
     try:
-      self.ckpts.close()
+      fn()
     except Exception as e:
       raise self._failed(self.asked, e) from None
 
@@ -367,6 +375,7 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   try:
     state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop, profile)
   finally:
+    stop.training = False  # a Ctrl-C while the loss is plotted interrupts it
     profile.stop()
     train_iter.close()
     writer.close()

@@ -114,7 +114,12 @@ class StepClock:
 
 
 def row_step(line: str) -> int:
-  return json.loads(line)["step"] if line.strip() else -1
+  """A metrics row's step; -1 for a line that is none (garbled, as by a disk fault)."""
+  try:
+    step = json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return -1
+  return step if isinstance(step, int) else -1
 
 
 def read(path: Path) -> list[dict[str, Any]]:
