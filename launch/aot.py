@@ -390,7 +390,7 @@ def collectives(hlo: str, devices: int) -> list[tuple[str, tuple[int, ...], int,
         for dtype, dims in ARRAY.findall(op.group(1)):
           shape = tuple(int(d) for d in dims.split(",") if d)
           itemsize = 1 if dtype == "pred" or dtype.startswith("f8") else int(re.sub(r"\D", "", dtype)) // 8
-          start = re.search(r"-done\(\S*?%?([\w.\-]+)\)", line)
+          start = re.search(r"-done\(.*?%([\w.\-]+)\)", line)
           found.append((op.group(2), shape, math.prod(shape) * itemsize, times,
                         group_size(starts.get(start.group(1), line) if start else line, devices)))
       trips = int(m.group(1)) if (m := TRIPS.search(line)) else loop_bound(bodies, line)

@@ -71,8 +71,16 @@ def main(argv: list[str] | None = None) -> int:
 
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, forward)
+  status = supervise(procs)
+  time.sleep(0.2)  # let the streaming threads print the last lines
+  return status
+
+
+def supervise(procs: list[subprocess.Popen]) -> int:
+  """Waits for every process; the first that fails stops the others. Its exit status, as a shell
+  gives it (128 + the signal that killed it)."""
   status = 0
-  while any(proc.poll() is None for proc in procs):
+  while None in [proc.poll() for proc in procs]:  # every one polled: a failure after a running one counts too
     failed = [proc.returncode for proc in procs if proc.returncode not in (None, 0)]
     if failed and not status:
       status = failed[0]
@@ -80,16 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         if proc.poll() is None:
           proc.terminate()
       deadline = time.monotonic() + 30
-      while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+      while None in [proc.poll() for proc in procs] and time.monotonic() < deadline:
         time.sleep(0.1)
       for proc in procs:
         if proc.poll() is None:
           proc.kill()
     time.sleep(0.05)
-  for proc in procs:
-    proc.wait()
-  time.sleep(0.2)  # let the streaming threads print the last lines
-  return status or next((proc.returncode for proc in procs if proc.returncode), 0)
+  status = status or next((proc.wait() for proc in procs if proc.wait()), 0)
+  return 128 - status if status < 0 else status
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ SLURM_LOCALID among those it sees: so every task sees all of its node's GPUs (no
 which would leave task k only one, numbered 0), and a process per node is told to take them all
 (JAX_LOCAL_DEVICE_IDS). `--dry-run` prints the script and what each rank would run instead.
 
-`--signal=B:TERM@120` signals only the batch shell, which would not pass it on: the script runs the
-step in the background and its trap forwards TERM to srun, which delivers it to every task.
+The preemption notice, `--signal=TERM@120`, goes to every task of the job's steps (not to the batch
+shell, nor to srun, which turns a TERM into a SIGKILL of every task): each trainer saves and exits 0.
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ def batch_script(nodes: int, gpus: int, per: str, command: list[str], job_name: 
       f"#SBATCH --ntasks-per-node={tasks}",
       f"#SBATCH --gpus-per-node={gpus}",
       f"#SBATCH --time={time_limit}",
-      "#SBATCH --signal=B:TERM@120  # a preemption notice: the trainer saves and exits 0",
+      "#SBATCH --signal=TERM@120  # to the tasks: the trainer saves and exits 0",
       "set -euo pipefail",
       f"cd {shlex.quote(str(ROOT))}",
       "export LM_DISTRIBUTED=auto",
       *([f"export JAX_LOCAL_DEVICE_IDS={all_gpus(gpus)}"] if per == "node" else []),
-      "trap 'kill -TERM \"$step\" 2>/dev/null' TERM",
-      f"srun --kill-on-bad-exit=1 {run} &",
-      "step=$!",
-      "wait \"$step\" || wait \"$step\"  # TERM ends the first wait early; the second waits for the tasks' save",
+      f"srun --kill-on-bad-exit=1 {run}",
       "",
   ])
 

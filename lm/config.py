@@ -303,6 +303,8 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str], only: tuple[st
     except yaml.YAMLError as e:
       raise ConfigError(f"override '{item}': {raw!r} is not a YAML value ({getattr(e, 'problem', None) or 'unparsable'}); "
                         f"quote it as a string: {key}=\"'{raw}'\"") from None
+    if keys.get(key) is str and value is not None and not isinstance(value, (str, list, dict)):
+      value = raw.strip()  # as typed: YAML 1.1 reads 010 as 8, 1.10 as 1.1, yes as true
     set_key(cfg, key, value, keys)
   validate(cfg)
 

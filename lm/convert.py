@@ -306,10 +306,12 @@ def to_hf(workdir: str | Path, out: str | Path, step: int | None = None, shard_b
 
 def tokenizer_config(tokenizer: Tokenizer, m: ModelConfig) -> dict[str, Any]:
   """How transformers should encode text as we trained on it: a BOS id first (it adds none without
-  this file) and no space put in front (LlamaTokenizer's default; our pieces have no dummy prefix)."""
+  this file), and a space put in front only where the sentencepiece model does so (ours do not;
+  LlamaTokenizer would by default)."""
   piece = lambda i: tokenizer.sp.id_to_piece(i) if i >= 0 else None
+  prefix = tokenizer.sp.encode("a", out_type=str)[0].startswith("\u2581")  # its dummy prefix, "▁"
   return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": tokenizer.bos_id >= 0, "add_eos_token": False,
-          "add_prefix_space": False, "bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
+          "add_prefix_space": prefix, "bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
           "unk_token": piece(tokenizer.sp.unk_id()), "model_max_length": m.max_seq_len}
 
 

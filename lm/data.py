@@ -189,7 +189,8 @@ def open_source(spec: str, text_field: str = "text") -> Any:
 
 def text_field(cfg: DataConfig) -> str | None:
   """The field data.source's documents are read from: None for sources that are not records."""
-  return cfg.text_field if cfg.source.partition(":")[0] in ("jsonl", "parquet") else None
+  kind, sep, _ = cfg.source.partition(":")
+  return cfg.text_field if sep and kind in ("jsonl", "parquet") else None
 
 
 def documents(spec: str, text_field: str = "text") -> Any:

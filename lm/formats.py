@@ -48,7 +48,7 @@ def record_text(line: bytes, where: str, field: str) -> str:
 
 
 T = TypeVar("T")
-RECENT_BLOCKS = 16  # decoded row groups or blocks a reader keeps: shuffled reads reach every file's
+RECENT_BLOCKS = 4  # decoded row groups or blocks a reader keeps (a row group may be large): shuffled reads reach every one
 
 
 class Recent:

@@ -136,7 +136,7 @@ class TokenCache:
   def __getitem__(self, i: int) -> np.ndarray:
     s, k = divmod(i, self.index["shard_docs"])
     tokens, offsets = self.shards.get(s, lambda: self._open(s))
-    return tokens[offsets[k]:offsets[k + 1]].copy()  # not a view, which would keep a dropped shard's map open
+    return tokens[offsets[k]:offsets[k + 1]].copy()  # the packer holds a window of documents: views would keep their shards' maps open
 
   def _open(self, s: int) -> tuple[np.ndarray, np.ndarray]:
     tokens_path, offsets_path = _shard_paths(self.dir, s)

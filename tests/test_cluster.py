@@ -178,7 +178,7 @@ def test_two_processes_stop_on_sigterm_and_resume(single, tmp_path):
           "than its data positions are of (process 0: rows 0-3 then, 0-7 now; process 1: rows 4-7 then, 0-7 now); "
           "resume with the mesh settings it was saved with") in stderr, stderr
   # Hosts whose listings differ (step 8 committed between them): both resume from process 0's newest,
-  # 4, where the run ends, and sample it together (process 1 took up step 8 and did not sample)
+  # 4, where the run ends, and sample it together
   for p in (0, 1):
     shutil.copytree(workdir, tmp_path / f"host{p}" / "run")
   shutil.rmtree(tmp_path / "host0" / "run" / "checkpoints" / "8")

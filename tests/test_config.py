@@ -19,6 +19,13 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
   assert cfg.mesh.rules["embed"] == ["tensor"] and cfg.mesh.rules["batch"] == ["data", "fsdp"]
 
 
+def test_a_string_setting_takes_the_text_as_typed():
+  """YAML 1.1 would read these as 8, 1.1 and true."""
+  cfg = config.load(None, ["data.text_field=010", "tokenizer.path=runs/1.10", "data.source=yes", "tokenizer.path=1.10"])
+  assert (cfg.data.text_field, cfg.tokenizer.path, cfg.data.source) == ("010", "1.10", "yes")
+  assert config.load(None, ["data.text_field='body'", "tokenizer.path="]).data.text_field == "body"  # quoted: YAML's string
+
+
 def test_int_is_accepted_where_a_float_is_expected():
   assert config.load(None, ["train.learning_rate=1"]).train.learning_rate == 1.0
   assert config.load(None, ["train.learning_rate=3e-4"]).train.learning_rate == 3e-4

@@ -1,13 +1,10 @@
 """Cluster launch scripts (dry runs) and the ahead-of-time TPU compile."""
 
-import contextlib
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -136,29 +133,13 @@ def test_slurm_errors(tmp_path):
   assert out.stderr.strip() == "error: sbatch is not on PATH: run this on a SLURM login node, or print the script with --dry-run"
 
 
-def test_slurm_script_passes_the_preemption_term_on_to_srun(tmp_path):
-  """sbatch's `B:TERM` reaches only the batch shell; a fake srun stands in for the step."""
+def test_slurm_script_sends_the_preemption_term_to_the_tasks():
+  """Not to the batch shell (`B:`), nor through srun: srun answers a TERM with a SIGKILL of every task
+  (Slurm's srun_job.c), so the trainers never saved."""
   from launch.slurm import batch_script
-
-  srun = tmp_path / "bin" / "srun"
-  srun.parent.mkdir()
-  srun.write_text("#!/bin/bash\ntrap 'echo TERM > got_term; exit 0' TERM\ntouch started\n"
-                  "while true; do sleep 0.05; done\n")
-  srun.chmod(0o755)
-  (tmp_path / "job.sh").write_text(batch_script(1, 1, "gpu", ["train"], "lm", "1:00").replace(f"cd {ROOT}", f"cd {tmp_path}"))
-  shell = subprocess.Popen(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, start_new_session=True,
-                           env={**os.environ, "PATH": f"{srun.parent}:{os.environ['PATH']}"})
-  try:
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "started").exists():
-      assert time.monotonic() < deadline and shell.poll() is None
-      time.sleep(0.05)
-    shell.send_signal(signal.SIGTERM)  # what sbatch --signal=B:TERM does
-    assert shell.wait(timeout=30) == 0  # the step's exit status, after it saw TERM
-    assert (tmp_path / "got_term").read_text() == "TERM\n"
-  finally:
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(shell.pid, signal.SIGKILL)
+  script = batch_script(1, 1, "gpu", ["train"], "lm", "1:00")
+  assert "#SBATCH --signal=TERM@120" in script and "trap" not in script
+  assert script.splitlines()[-1].startswith("srun --kill-on-bad-exit=1 ")  # in the foreground: the job ends with it
 
 
 def test_launchers_reject_an_unknown_entry_point():
@@ -265,10 +246,11 @@ def test_collective_groups_are_read_in_each_form_xla_prints():
                     ("[2,4]<=[8]", 4), ("{{0,1},{2,3},{4,5},{6,7}}", 2), ("{}", 8)):
     assert aot.group_size(f"%g = f32[8]{{0}} all-gather(%x), replica_groups={groups}, dimensions={{0}}", 8) == n, groups
   # an async op: counted once, at its -done, over the groups its -start names
-  async_hlo = ("ENTRY %main (x: f32[8]) -> f32[16] {\n"
-               "  %ag-start = (f32[8]{0}, f32[16]{0}) all-gather-start(%x), replica_groups={{0,1},{2,3}}, dimensions={0}\n"
-               "  ROOT %ag-done = f32[16]{0} all-gather-done(%ag-start)\n}\n")
-  assert aot.collectives(async_hlo, 4) == [("all-gather", (16,), 64, 1, 2)]
+  for operand in ("%ag-start", "(f32[8]{0}, f32[16]{0}) %ag-start"):  # as TPU and GPU modules print it
+    async_hlo = ("ENTRY %main (x: f32[8]) -> f32[16] {\n"
+                 "  %ag-start = (f32[8]{0}, f32[16]{0}) all-gather-start(%x), replica_groups={{0,1},{2,3}}, dimensions={0}\n"
+                 f"  ROOT %ag-done = f32[16]{{0}} all-gather-done({operand}), metadata={{op_name=\"x\"}}\n}}\n")
+    assert aot.collectives(async_hlo, 4) == [("all-gather", (16,), 64, 1, 2)], operand
   assert aot.traffic("reduce-scatter", 10, 4) == 30 and aot.traffic("collective-permute", 10, 4) == 10
   assert aot.traffic("all-reduce", 10, 1) == 0  # a group of one device moves nothing
 
@@ -392,3 +374,18 @@ def test_aot_errors(tmp_path):
   out = launch("aot", "--config", "configs/tiny.yaml", "--topology", "v5e-4", env={"PYTHONPATH": str(tmp_path)})
   assert out.returncode == 1
   assert out.stderr.strip() == "error: launch.aot needs libtpu: pip install -e '.[tpu]'"
+
+
+def test_local_cluster_stops_the_others_when_any_process_fails():
+  """Also one after a process still running (it was never polled, and the launcher waited for the
+  others for ever); a process killed by a signal is 128 + its number, as a shell says."""
+  from launch.local_cluster import supervise
+  blocked = "import time; time.sleep(120)"  # as in a collective that waits for the one that failed
+  for codes, want in ((["sys.exit(0)", blocked, "sys.exit(3)"], 3), ([blocked, "os.kill(os.getpid(), 9)"], 137)):
+    procs = [subprocess.Popen([sys.executable, "-c", f"import os, sys; {code}"]) for code in codes]
+    try:
+      assert supervise(procs) == want
+      assert all(proc.returncode is not None for proc in procs)
+    finally:
+      for proc in procs:
+        proc.kill()
