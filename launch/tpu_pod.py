@@ -59,9 +59,11 @@ def commands(tpu: str, zone: str, project: str | None, command: list[str], archi
   ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, *where, "--worker=all", "--command"]
   log = f"~/{LOGS}/{shlex.quote(run_name)}.log"
   install = f"{unpack()} && cd {REMOTE_DIR} && python3 -m pip install -q -e '.[tpu]'"
-  # setsid + nohup with every stream redirected: ssh returns at once and a dropped connection leaves the run alive
-  run = (f"mkdir -p ~/{LOGS} && cd {REMOTE_DIR} && LM_DISTRIBUTED=auto setsid nohup "
-         f"{shlex.join(python_module(command))} >> {log} 2>&1 < /dev/null &")  # a relaunch keeps the last run's end
+  # setsid + nohup with every stream redirected: ssh returns at once and a dropped connection leaves the run alive.
+  # Only the run goes to the background ({ ... & }): `a && b && run &` would keep a shell, holding ssh's
+  # streams, until the run ends. A relaunch appends to the log, keeping the last run's end.
+  run = (f"mkdir -p ~/{LOGS} && cd {REMOTE_DIR} && {{ LM_DISTRIBUTED=auto setsid nohup "
+         f"{shlex.join(python_module(command))} >> {log} 2>&1 < /dev/null & }}")
   return [
       ["gcloud", "compute", "tpus", "tpu-vm", "scp", *where, "--worker=all", archive, f"{tpu}:~/{ARCHIVE}"],
       [*ssh, install],

@@ -375,11 +375,11 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   try:
     state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop, profile)
   finally:
-    stop.training = False  # a Ctrl-C while the loss is plotted interrupts it
     profile.stop()
     train_iter.close()
     writer.close()
     saves.close()  # the last save is written before a second notice can end the process
+  stop.training = False  # a Ctrl-C while the loss is plotted interrupts it
   if lead:
     try:
       metrics.plot(workdir)

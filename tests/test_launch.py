@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -29,9 +30,9 @@ def test_tpu_pod_dry_run_ships_an_archive_that_replaces_the_tree_and_runs_detach
   assert scp == f"gcloud compute tpus tpu-vm scp --zone us-east5-a --project proj --worker=all {archive} 'pod7:~/lm.tar.gz'"
   assert install.startswith("gcloud compute tpus tpu-vm ssh pod7 --zone us-east5-a --project proj --worker=all --command")
   assert "pip install -q -e" in install and ".[tpu]" in install
-  assert run.endswith("'mkdir -p ~/lm-logs && cd lm && LM_DISTRIBUTED=auto setsid nohup python3 -m launch.train "
+  assert run.endswith("'mkdir -p ~/lm-logs && cd lm && { LM_DISTRIBUTED=auto setsid nohup python3 -m launch.train "
                       "--config configs/7b.yaml --workdir /mnt/runs/7b train.learning_rate=1e-4 "
-                      ">> ~/lm-logs/r1.log 2>&1 < /dev/null &'")  # a relaunch of r1 (a resume) keeps what ended the last
+                      ">> ~/lm-logs/r1.log 2>&1 < /dev/null & }'")  # a relaunch of r1 (a resume) keeps what ended the last
   assert follow.endswith("--worker=0 --command 'tail -f ~/lm-logs/r1.log'")
   without = launch("tpu_pod", "--tpu", "pod7", "--zone", "z", "--", "train", "--workdir", "/mnt/r", env={"PATH": "/nonexistent"})
   assert (without.returncode, without.stderr) == (1, "error: gcloud is not on PATH; install the Google Cloud CLI, or see the commands with --dry-run\n")
@@ -45,6 +46,23 @@ def test_lm_train_takes_the_tiny_preset_from_any_directory(tmp_path, monkeypatch
   monkeypatch.chdir(tmp_path)  # not the checkout: a relative default would name nothing here
   assert train.main(["--workdir", "w", "--sample-prompt="]) == 0
   assert taken == [config.load(ROOT / "configs" / "tiny.yaml")]
+
+
+def test_tpu_pod_run_command_returns_while_the_run_goes_on(tmp_path):
+  """As ssh runs it: the command's streams close at once (ssh waits for that), the run's go to its log."""
+  from launch.tpu_pod import commands
+  run = commands("pod7", "z", None, ["train", "--workdir", "/mnt/r"], "a.tar.gz", "r1")[-1][-1]
+  (tmp_path / "lm").mkdir()
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "python3").write_text("#!/bin/sh\necho started\nsleep 5\n")  # a run that takes a while
+  (tmp_path / "bin" / "python3").chmod(0o755)
+  env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+  shell = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=4)
+  assert shell.returncode == 0 and shell.stdout == ""
+  deadline = time.monotonic() + 4
+  while "started" not in ((tmp_path / "lm-logs" / "r1.log").read_text() if (tmp_path / "lm-logs" / "r1.log").exists() else ""):
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
 
 
 def test_tpu_pod_refuses_output_that_the_next_launch_would_delete(capsys):
