@@ -127,7 +127,7 @@ def test_slurm_dry_run_gives_each_gpu_to_one_process(monkeypatch):
   assert out.returncode == 0, out.stderr
   assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4" in out.stdout
   # the interpreter that launched it (its environment's packages), as the script's cd names this checkout
-  assert f"srun --kill-on-bad-exit=1 {sys.executable} -m launch.train --workdir /shared/run &" in out.stdout
+  assert f"srun --kill-on-bad-exit=1 {sys.executable} -m launch.train --workdir /shared/run\n" in out.stdout
   ranks = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
   assert len(ranks) == 8 and ranks[5].startswith("rank 5: node 1 SLURM_PROCID=5 SLURM_NTASKS=8 SLURM_LOCALID=1 ")
   assert ranks[5].endswith(f" {sys.executable} -m launch.train --workdir /shared/run")
