@@ -1,12 +1,13 @@
 """Run the trainer (or sampler) on every worker of a Cloud TPU VM slice:
-python -m launch.tpu_pod --tpu NAME --zone ZONE [--project P] [--run-name NAME] [--dry-run] -- train|sample ARGS
+python -m launch.tpu_pod --tpu NAME --zone ZONE [--project P] [--run-name NAME] [--env KEY=VALUE ...] [--dry-run] -- train|sample ARGS
 
 Ships the files git lists here (tracked and untracked, not ignored: no .git, no run directories) as
 one archive to every worker, replaces the worker's ~/lm with them (keeping its runs/), installs it
 with the TPU extra, then starts the same command on all workers at once, detached from the ssh
 session, each worker appending its output to ~/lm-logs/RUN_NAME.log. Each worker's JAX finds the
-others itself (LM_DISTRIBUTED=auto). The work directory must be storage every worker sees (a
-Filestore/NFS mount, or a gcsfuse-mounted bucket).
+others itself (LM_DISTRIBUTED=auto); `--env` sets more of the command's environment there (such as
+LIBTPU_INIT_ARGS, XLA_FLAGS or LM_DISTRIBUTED_TIMEOUT). The work directory must be storage every
+worker sees (a Filestore/NFS mount, or a gcsfuse-mounted bucket).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ REMOTE_DIR = "lm"
 ARCHIVE = "lm.tar.gz"
 LOGS = "lm-logs"
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def shipped_files(root: Path) -> list[str]:
@@ -54,7 +56,8 @@ def unpack() -> str:
           f"tar -xzf {ARCHIVE} -C {REMOTE_DIR} && rm {ARCHIVE}")
 
 
-def commands(tpu: str, zone: str, project: str | None, command: list[str], archive: str, run_name: str) -> list[list[str]]:
+def commands(tpu: str, zone: str, project: str | None, command: list[str], archive: str, run_name: str,
+             env: list[str] = ()) -> list[list[str]]:
   where = ["--zone", zone] + (["--project", project] if project else [])
   ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, *where, "--worker=all", "--command"]
   log = f"~/{LOGS}/{shlex.quote(run_name)}.log"
@@ -62,7 +65,8 @@ def commands(tpu: str, zone: str, project: str | None, command: list[str], archi
   # setsid + nohup with every stream redirected: ssh returns at once and a dropped connection leaves the run alive.
   # Only the run goes to the background ({ ... & }): `a && b && run &` would keep a shell, holding ssh's
   # streams, until the run ends. A relaunch appends to the log, keeping the last run's end.
-  run = (f"mkdir -p ~/{LOGS} && cd {REMOTE_DIR} && {{ LM_DISTRIBUTED=auto setsid nohup "
+  assignments = " ".join(f"{key}={shlex.quote(value)}" for key, _, value in (e.partition("=") for e in ["LM_DISTRIBUTED=auto", *env]))
+  run = (f"mkdir -p ~/{LOGS} && cd {REMOTE_DIR} && {{ {assignments} setsid nohup "
          f"{shlex.join(python_module(command))} >> {log} 2>&1 < /dev/null & }}")
   return [
       ["gcloud", "compute", "tpus", "tpu-vm", "scp", *where, "--worker=all", archive, f"{tpu}:~/{ARCHIVE}"],
@@ -81,10 +85,12 @@ def written_paths(command: list[str]) -> list[str]:
   return out
 
 
-def check(command: list[str], run_name: str) -> str | None:
+def check(command: list[str], run_name: str, env: list[str]) -> str | None:
   """What would make the launch lose output or fail on the workers, if anything."""
   if not RUN_NAME.fullmatch(run_name):
     return f"--run-name '{run_name}' names a log file: use letters, digits, '.', '_' and '-'"
+  if bad := [e for e in env if not ENV_NAME.fullmatch(e.partition("=")[0]) or "=" not in e]:
+    return f"--env '{bad[0]}' is not KEY=VALUE with KEY a variable name"
   for path in written_paths(command):
     if not Path(path).is_absolute() and Path(path).parts[:1] != ("runs",):
       return (f"'{path}' would be inside each worker's ~/{REMOTE_DIR}, which every launch replaces (only its runs/ is kept): "
@@ -98,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--zone", required=True)
   parser.add_argument("--project")
   parser.add_argument("--run-name", default=time.strftime("%Y%m%d-%H%M%S"), help="names each worker's log file")
+  parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set in the command's environment on every worker (repeatable)")
   parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train|sample ARGS")
   args = parser.parse_args(argv)
   command = entry_command(parser, args.command)
-  if problem := check(command, args.run_name):
+  if problem := check(command, args.run_name, args.env):
     parser.exit(2, f"error: {problem}\n")
   if not args.dry_run and not shutil.which("gcloud"):
     parser.exit(1, "error: gcloud is not on PATH; install the Google Cloud CLI, or see the commands with --dry-run\n")
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"# {archive}: the {len(files)} files git lists in {ROOT}")
     else:
       write_archive(ROOT, files, archive)
-    for cmd in commands(args.tpu, args.zone, args.project, command, str(archive), args.run_name):
+    for cmd in commands(args.tpu, args.zone, args.project, command, str(archive), args.run_name, args.env):
       if args.dry_run:
         print(shlex.join(cmd))
         continue

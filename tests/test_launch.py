@@ -51,16 +51,16 @@ def test_lm_train_takes_the_tiny_preset_from_any_directory(tmp_path, monkeypatch
 def test_tpu_pod_run_command_returns_while_the_run_goes_on(tmp_path):
   """As ssh runs it: the command's streams close at once (ssh waits for that), the run's go to its log."""
   from launch.tpu_pod import commands
-  run = commands("pod7", "z", None, ["train", "--workdir", "/mnt/r"], "a.tar.gz", "r1")[-1][-1]
+  run = commands("pod7", "z", None, ["train", "--workdir", "/mnt/r"], "a.tar.gz", "r1", ["XLA_FLAGS=--a --b=$1"])[-1][-1]
   (tmp_path / "lm").mkdir()
   (tmp_path / "bin").mkdir()
-  (tmp_path / "bin" / "python3").write_text("#!/bin/sh\necho started\nsleep 5\n")  # a run that takes a while
+  (tmp_path / "bin" / "python3").write_text('#!/bin/sh\necho "started with $XLA_FLAGS"\nsleep 5\n')  # a run that takes a while
   (tmp_path / "bin" / "python3").chmod(0o755)
   env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
   shell = subprocess.run(["bash", "-c", run], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=4)
   assert shell.returncode == 0 and shell.stdout == ""
   deadline = time.monotonic() + 4
-  while "started" not in ((tmp_path / "lm-logs" / "r1.log").read_text() if (tmp_path / "lm-logs" / "r1.log").exists() else ""):
+  while "started with --a --b=$1" not in ((tmp_path / "lm-logs" / "r1.log").read_text() if (tmp_path / "lm-logs" / "r1.log").exists() else ""):
     assert time.monotonic() < deadline
     time.sleep(0.05)
 
@@ -72,6 +72,7 @@ def test_tpu_pod_refuses_output_that_the_next_launch_would_delete(capsys):
       (["--", "train", "--workdir", "out/7b"], "'out/7b' would be inside each worker's ~/lm, which every launch replaces"),
       (["--", "sample", "--workdir", "/mnt/r", "--prompt", "x", "--output=done.jsonl"], "'done.jsonl' would be inside"),
       (["--run-name", "exp/1", "--", "train", "--workdir", "/mnt/r"], "--run-name 'exp/1' names a log file: use letters, digits"),
+      (["--env", "XLA FLAGS=1", "--", "train", "--workdir", "/mnt/r"], "--env 'XLA FLAGS=1' is not KEY=VALUE with KEY a variable name"),
   ):
     with pytest.raises(SystemExit) as e:
       main(base + args)
