@@ -89,8 +89,9 @@ def quiet_orphaned_reads() -> None:
       previous(unraisable)
 
   def orbax_read(record: logging.LogRecord) -> bool:
-    error = str(record.exc_info[1]) if record.exc_info else ""
-    return not ("exception was never retrieved" in record.getMessage() and "while reading array index" in error)
+    error = str(record.exc_info[1]) if record.exc_info else ""  # orbax's, or tensorstore's own read error
+    read = "while reading array index" in error or "in OCDBT database" in error
+    return not ("exception was never retrieved" in record.getMessage() and read)
 
   hook.orphans_quiet = True
   sys.unraisablehook = hook
