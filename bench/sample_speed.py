@@ -5,7 +5,7 @@ row-dependent point (a per-row budget standing in for a stop token), in two spre
 tokens uniformly, and 16 to 160 tokens log-uniformly (most completions short, as when a stop token
 usually comes early). Each is sampled with today's static batches (new prompts enter only when the
 whole batch is done, and a batch runs all 256 decode steps) and with continuous batching, in one run
-on the same model. Tokens/s count kept tokens over the job's wall time, compiles excluded. "decode
+on the same model, 3 times each in turn (medians, and the range of the speed-ups of each pair). Tokens/s count kept tokens over the job's wall time, compiles excluded. "decode
 steps bound" is the speed-up a free engine would get: static decode steps over the kept tokens per slot.
 
 Decode mode: batch 1 and 16 greedy decode tokens/s against Hugging Face transformers' `generate` on
@@ -53,24 +53,34 @@ def timed_run(sampler: Sampler, requests: list[Request], **kwargs) -> tuple[int,
   return sampler.timing.decode_tokens, time.perf_counter() - start - sampler.timing.compile_seconds
 
 
-def job_table(sampler: Sampler, prompts: int, batch: int, chunk: int, max_new: int = 256) -> None:
+def job_table(sampler: Sampler, prompts: int, batch: int, chunk: int, repeats: int, max_new: int = 256) -> None:
+  """Medians of `repeats` runs of each batching, taken in turn (so a busy spell weighs on both), and
+  the range of the speed-ups of each pair of runs."""
   rng = np.random.default_rng(0)
   ids = [rng.integers(3, 32000, rng.integers(8, 257)).tolist() for _ in range(prompts)]
   spreads = {"uniform 25-256": [25 + (i * 37) % 232 for i in range(prompts)],
              "log-uniform 16-160": np.round(16 * 10 ** rng.random(prompts)).astype(int).tolist()}
-  print(f"job: {prompts} prompts of 8-256 tokens, max_new_tokens {max_new}, {batch} slots, chunk {chunk}\n")
-  print("| completion lengths | batching | kept tokens | seconds | kept tokens/s | speed-up | decode steps bound |")
+  modes = {"static": max_new, "continuous": 0}
+  print(f"job: {prompts} prompts of 8-256 tokens, max_new_tokens {max_new}, {batch} slots, chunk {chunk}, "
+        f"median of {repeats} runs of each\n")
+  print("| completion lengths | batching | kept tokens | seconds | kept tokens/s | speed-up (range) | decode steps bound |")
   print("|---|---|---|---|---|---|---|")
   for spread, budgets in spreads.items():
     requests = [Request(i, 0, "", ids[i], budgets[i]) for i in range(prompts)]
     bound = -(-prompts // batch) * max_new / (sum(budgets) / batch)
-    rates = {}
-    for name, static in (("static", max_new), ("continuous", 0)):
+    for static in modes.values():
       timed_run(sampler, requests[:batch], batch_size=batch, chunk=chunk, static=static)  # compiles
-      tokens, seconds = timed_run(sampler, requests, batch_size=batch, chunk=chunk, static=static)
-      rates[name] = tokens / seconds
-      print(f"| {spread} | {name} | {tokens:,} | {seconds:.1f} | {rates[name]:,.0f} | "
-            f"{rates[name] / rates['static']:.2f}x | {f'{bound:.2f}x' if static == 0 else ''} |", flush=True)
+    seconds = {name: [] for name in modes}
+    for _ in range(repeats):
+      for name, static in modes.items():
+        tokens, took = timed_run(sampler, requests, batch_size=batch, chunk=chunk, static=static)
+        seconds[name].append(took)
+    pairs = [s / c for s, c in zip(seconds["static"], seconds["continuous"])]
+    median = {name: statistics.median(took) for name, took in seconds.items()}
+    for name in modes:
+      speed_up = f"{median['static'] / median[name]:.2f}x" + (f" ({min(pairs):.2f}-{max(pairs):.2f}x)" if name == "continuous" else "")
+      print(f"| {spread} | {name} | {tokens:,} | {median[name]:.1f} | {tokens / median[name]:,.0f} | {speed_up} | "
+            f"{f'{bound:.2f}x' if name == 'continuous' else ''} |", flush=True)
 
 
 def hf_table(sampler: Sampler, theirs, prompt: int, new: int, chunk: int, repeats: int) -> None:
@@ -108,7 +118,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--job-prompts", type=int, default=512)
   parser.add_argument("--job-batch", type=int, default=16)
-  parser.add_argument("--job-chunk", type=int, default=4, help="decode steps between retiring and inserting rows in job mode")
+  parser.add_argument("--job-chunk", type=int, default=config.SampleConfig().chunk,
+                      help="the most decode steps per compiled call in job mode (a call ends when a row finishes)")
+  parser.add_argument("--job-repeats", type=int, default=3, help="timed runs of each batching, taken in turn")
   parser.add_argument("--chunk", type=int, default=16, help="decode steps per compiled call in decode mode")
   parser.add_argument("--hf-prompt-tokens", type=int, default=64)
   parser.add_argument("--hf-new-tokens", type=int, default=128)
@@ -119,7 +131,7 @@ def main() -> None:
     sampler, theirs = imported_llama(tmp)
   print(f"model: random Llama, 4 layers, width 256, 4 heads / 2 kv heads, vocab 32000; device: {jax.devices()[0].device_kind}\n")
   if not args.skip_job:
-    job_table(sampler, args.job_prompts, args.job_batch, args.job_chunk)
+    job_table(sampler, args.job_prompts, args.job_batch, args.job_chunk, args.job_repeats)
   hf_table(sampler, theirs, args.hf_prompt_tokens, args.hf_new_tokens, args.chunk, args.hf_repeats)
 
 

@@ -4,7 +4,7 @@ python -m launch.aot --config CONFIG --topology v5e-16 [--slices N] [--sample RO
 Prints, per chip, the memory XLA's analysis gives (parameters, optimizer state, activations and
 temporaries), whether it fits the chip's HBM, XLA's FLOP count and estimated step time, and the
 MFU they imply (both count the layer scan's body once, so no tokens/s is derived from them). With --sample it also compiles the sampler (prefill,
-then the scan of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
+then the loop of decode steps) for ROWS prompts of PROMPT tokens and NEW new tokens each, and prints
 its memory per chip (with --quantize int8, for int8 weights as `lm-sample --quantize int8` computes them;
 with --kv-cache int8, for an int8 key/value cache). Exits 1 when either does not fit; a training step that does not fit is one line,
 what it needs per chip against what the chip has. --fit searches the largest train.batch_size that
@@ -404,7 +404,7 @@ def collectives(hlo: str, devices: int) -> list[tuple[str, tuple[int, ...], int,
 
 def loop_bound(bodies: dict[str, list[str]], line: str) -> int:
   """A while loop's trip count where XLA recorded none (TPU): the constant its condition compares
-  the counter with (a scan counts from 0 by 1)."""
+  the counter with (a scan counts from 0 by 1; a decode chunk's loop that may end early counts at most that)."""
   cond = re.search(r"condition=%?([\w.\-]+)", line)
   bounds = [int(c) for text in bodies.get(cond.group(1), []) for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", text)] if cond else []
   return max(bounds, default=1)
@@ -451,7 +451,7 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
   heading = [("sampling", f"{rows} slots x {S} positions ({prompt_len} prompt + {new_tokens} new), decode chunk {chunk}"),
              ("decode mesh", f"{dict(mesh.shape)}, {quantize or cfg.model.dtype} weights, {kv or cfg.model.dtype} KV cache")]
   try:
-    insert = sampler.insert_function(rows, S, prefill_rows(rows, sampler.rows_multiple), prompt_bucket(prompt_len, S))
+    insert = sampler.insert_function(rows, S, prefill_rows(rows, sampler.rows_multiple), prompt_bucket(prompt_len - 1, S))
     decode = sampler.decode_function(rows, S, chunk)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
@@ -474,8 +474,8 @@ def compile_sampler(cfg: config.Config, mesh, family: str, rows: int, prompt_len
       ("parameters per chip", size(weights_chip)),
       ("KV cache per chip", size(cache_chip)),
       *[(f"decode {label}", value) for label, value in memory],
-      # XLA counts the body of the scan of decode steps once (the sampler runs its layers one by one).
-      ("decode XLA bytes accessed", f"{size(float(cost.get('bytes accessed', float('nan'))))} (the step scan's body counted once)"),
+      # XLA counts the body of the loop of decode steps once (the sampler runs its layers one by one).
+      ("decode XLA bytes accessed", f"{size(float(cost.get('bytes accessed', float('nan'))))} (the step loop's body counted once)"),
       ("decode XLA estimated time", f"{seconds * 1e6:.1f} us (same counting)" if seconds > 0 else "n/a (XLA gave none)"),
       ("interconnect per token per chip", f"{size(moved / tokens)} (sent by the collectives in the compiled decode, "
        f"as rings; loop bodies x trip counts, / {tokens} tokens)"),

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--batch-size", type=int, default=16, help="slots: rows decoded together")
-  parser.add_argument("--chunk", type=int, help="decode steps (speculative: rounds) per compiled call, between refills (default: the config's sample.chunk, 16)")
+  parser.add_argument("--chunk", type=int, help="the most decode steps (speculative: rounds) per compiled call; a call ends when a row finishes, for its slot to be refilled (default: the config's sample.chunk, 16)")
   parser.add_argument("--logprobs", action="store_true", help="add per-token log-probabilities")
   parser.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
                       help="also stop at this token id (repeatable; end-of-sequence always stops)")

@@ -132,7 +132,7 @@ class ProfileConfig:
 
 @dataclasses.dataclass
 class SampleConfig:
-  chunk: PositiveInt = 16  # decode steps (speculative: rounds) per compiled call; lm-sample --chunk overrides it
+  chunk: PositiveInt = 16  # the most decode steps (speculative: rounds) per compiled call; lm-sample --chunk overrides it
 
 
 @dataclasses.dataclass

@@ -268,22 +268,18 @@ class Transformer(nnx.Module):
     x, _ = self._layers(self.embed_tokens(tokens_BxL), lambda block, x, _: (block(x, positions_BxL, attention), None))
     return self.logits(x)
 
-  def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array,
-              last_B: jax.Array | None = None) -> tuple[jax.Array, Any]:
-    """Logits and every layer's keys and values, [B, L, kv_heads, head_dim] each (stacked along a
-    leading layer axis, or listed, as the blocks are). With `last_B`, only the logits at those
-    positions (BxV): the unembedding of a long prompt costs more than its layers, and sampling
-    reads one position."""
+  def prefill(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, positions_BxL: jax.Array) -> Any:
+    """Every layer's keys and values, [B, L, kv_heads, head_dim] each (stacked along a leading layer
+    axis, or listed, as the blocks are), and no logits: the sampler feeds a prompt's last token to
+    its first decode step, so an insert reads no unembedding (at one row, most of its cost)."""
     attention = self_attention(self.cfg, segment_ids_BxL)
 
     def layer(block, x, _):
       q, k, v = block.qkv(x, positions_BxL)
       return block.finish(x, attention(q, k, v)), (k, v)
 
-    x, kv = self._layers(self.embed_tokens(tokens_BxL), layer)
-    if last_B is not None:
-      return self.logits(jnp.take_along_axis(x, last_B[:, None, None], axis=1))[:, 0], kv
-    return self.logits(x), kv
+    _, kv = self._layers(self.embed_tokens(tokens_BxL), layer)
+    return kv
 
   def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple[tuple[kv_cache.Entry, kv_cache.Entry], ...],
              window: int | None = None) -> tuple[jax.Array, tuple[tuple[kv_cache.Entry, kv_cache.Entry], ...]]:

@@ -1,11 +1,13 @@
 """The sampling engine: continuous batching over a fixed set of slots, with a KV cache.
 
 The engine keeps `batch_size` slots, each one row of a key/value cache. Between compiled chunks of
-`chunk` decode steps (one `lax.scan`), the host loop in `Sampler.run` retires rows that emitted a
-stop token or reached their budget and inserts waiting prompts into the free slots: a prefill whose
-keys and values are written into those slots' cache rows. Each row keeps its own position and its own
-random key (seed, prompt, sample), folded with the index of the token it draws, so a row's tokens do
-not depend on its slot, its batch mates, the chunk length or the batch size.
+up to `chunk` decode steps (one loop, which ends early after a step in which a row finishes), the
+host loop in `Sampler.run` retires rows that emitted a stop token or reached their budget and inserts
+waiting prompts into the free slots: a prefill of all but each prompt's last token, whose keys and
+values are written into those slots' cache rows; the row's first decode step feeds the last token and
+draws its first new one. Each row keeps its own position and its own random key (seed, prompt,
+sample), folded with the index of the token it draws, so a row's tokens do not depend on its slot,
+its batch mates, the chunk length or the batch size.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def prompt_bucket(length: int, limit: int) -> int:
   """A prefill's padded length: up to a multiple of an eighth of the next power of two (at least
   MIN_BUCKET): under a quarter of padding past 64 tokens, in few shapes (16 up to 512 tokens, four more
   per doubling), never past `limit`."""
+  length = max(length, 1)
   step = max(MIN_BUCKET, (1 << (length - 1).bit_length()) // 8)
   return min(-(-length // step) * step, limit)
 
@@ -143,6 +146,31 @@ def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature: jax.Array, top
   tokens = jax.lax.cond(temperature == 0, lambda: jnp.argmax(logits_BxV, axis=-1), sample)
   chosen = jnp.take_along_axis(logits_BxV, tokens[:, None], axis=-1)[:, 0]
   return tokens, chosen - jax.nn.logsumexp(logits_BxV, axis=-1)
+
+
+def chunk_loop(step: Callable, state: dict[str, Any], steps: int, width: int, until_free: jax.Array
+               ) -> tuple[dict[str, Any], jax.Array, jax.Array, jax.Array]:
+  """Up to `steps` calls of `step(state) -> (state, (tokens_BxW, logprobs_BxW, live_BxW))`, their
+  outputs side by side ([B, steps * width] each; past the last call, not live). With `until_free`,
+  the chunk ends after the step in which a row finishes (or once every row is done), so the host
+  refills its slot at once instead of at the chunk's end."""
+  B = state["done"].shape[0]
+  done_before = state["done"]
+
+  def body(carry):
+    i, state, out = carry
+    state, emitted = step(state)
+    return i + 1, state, tuple(jax.lax.dynamic_update_slice(o, e.reshape(B, width).astype(o.dtype), (0, i * width))
+                               for o, e in zip(out, emitted))
+
+  def more(carry):
+    i, state, _ = carry
+    freed = jnp.any(state["done"] & ~done_before) | jnp.all(state["done"])
+    return (i < steps) & ~(until_free & freed)
+
+  out = tuple(jnp.zeros((B, steps * width), dtype) for dtype in (jnp.int32, jnp.float32, jnp.bool_))
+  _, state, out = jax.lax.while_loop(more, body, (0, state, out))
+  return state, *out
 
 
 def window(need: int, S: int) -> int:
@@ -259,30 +287,29 @@ class Sampler:
     """A batch-sharded global array from a host array that every process holds whole."""
     return jax.make_array_from_callback(x.shape, self.row_sharding(x.ndim), lambda index: x[index])
 
-  # Device state: each layer's keys and values plus, per slot, the token drawn but not yet emitted,
-  # its log-probability, the next cache position, how many tokens the row has drawn before it,
-  # whether it is done, its key.
+  # Device state: each layer's keys and values plus, per slot, the token its next step feeds (the
+  # prompt's last, then the last drawn) and that token's position, how many tokens the row has drawn,
+  # its budget, whether it is done, its key.
   def abstract_state(self, B: int, S: int) -> dict[str, Any]:
     m = self.cfg.model
     kv = kv_cache.abstract_entry(self.kv, (B, m.num_kv_heads, S, config.head_dim(m)), jnp.dtype(m.dtype), self.cache_sharding)
     row = lambda dtype, *shape: self.row_struct(dtype, B, *shape)
     key_words = jax.random.key_data(jax.random.key(0)).shape[-1]
-    state = {"cache": ((kv, kv),) * m.num_layers, "token": row(jnp.int32), "logprob": row(jnp.float32), "pos": row(jnp.int32),
+    state = {"cache": ((kv, kv),) * m.num_layers, "token": row(jnp.int32), "pos": row(jnp.int32),
              "count": row(jnp.int32), "budget": row(jnp.int32), "done": row(jnp.bool_), "key": row(jnp.uint32, key_words)}
     return state | (self.speculation.abstract_state(self, B, S) if self.speculation else {})
 
-  def prefill(self, params, cache, tokens_RxP, lengths_R, slots_R) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
-    """Each prompt's last logits, and the cache with the prompts' keys and values written into rows
+  def prefill(self, params, cache, tokens_RxP, lengths_R, slots_R) -> tuple[tuple[kv_cache.Entry, kv_cache.Entry], ...]:
+    """The cache with the keys and values of each row's first `lengths_R` tokens written into rows
     `slots_R` (ids past the last row: padding prompts, dropped)."""
     R, P = tokens_RxP.shape
     model = nnx.merge(self.graphdef, params)
     segments = (jnp.arange(P)[None] < lengths_R[:, None]).astype(jnp.int32)
     with sharding.activation_rules(self.mesh, self.rules):
-      last_RxV, kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)), lengths_R - 1)
+      kv = model.prefill(tokens_RxP, segments, jnp.broadcast_to(jnp.arange(P), (R, P)))
     write = lambda c, new_RxPxKxH: kv_cache.write(c, (slots_R, slice(None), slice(0, P)), new_RxPxKxH.swapaxes(1, 2))
-    cache = tuple(tuple(jax.lax.with_sharding_constraint(write(c, new), self.cache_sharding) for c, new in zip(*layer))
-                  for layer in zip(cache, kv))
-    return last_RxV, cache
+    return tuple(tuple(jax.lax.with_sharding_constraint(write(c, new), self.cache_sharding) for c, new in zip(*layer))
+                 for layer in zip(cache, kv))
 
   def empty_state(self, B: int, S: int) -> dict[str, Any]:
     """Every slot free (done), allocated in place with its sharding."""
@@ -292,42 +319,39 @@ class Sampler:
       self.compiled["empty", B, S] = jax.jit(make, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))
     return self.compiled["empty", B, S]()
 
-  def _insert_fn(self, params, state, tokens_RxP, lengths_R, budget_R, slots_R, index_R, sample_R, seed_key,
-                 temperature, top_k, top_p):
-    """Prefills R prompts (the job's `index_R`, samples `sample_R`) and writes them into slots `slots_R`
-    (ids past the last slot: padding rows)."""
-    last_RxV, cache = self.prefill(params, state["cache"], tokens_RxP, lengths_R, slots_R)
+  def _insert_fn(self, params, state, tokens_RxP, lengths_R, last_R, budget_R, slots_R, index_R, sample_R, seed_key):
+    """Writes R prompts (the job's `index_R`, samples `sample_R`) into slots `slots_R` (ids past the
+    last slot: padding rows): the first `lengths_R` tokens prefilled, the last, `last_R`, left for
+    the row's first decode step."""
+    cache = self.prefill(params, state["cache"], tokens_RxP, lengths_R, slots_R)
     seed = jax.random.wrap_key_data(seed_key)
     keys_R = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(seed, i), j))(index_R, sample_R)
-    token, logprob = choose(jax.vmap(jax.random.fold_in)(keys_R, jnp.zeros_like(lengths_R)), last_RxV,
-                            temperature, top_k, top_p, self.vocab)
     put = lambda a, x: a.at[slots_R].set(x.astype(a.dtype), mode="drop")
-    return state | {"cache": cache, "token": put(state["token"], token), "logprob": put(state["logprob"], logprob),
+    return state | {"cache": cache, "token": put(state["token"], last_R),
                     "pos": put(state["pos"], lengths_R), "count": put(state["count"], jnp.zeros_like(lengths_R)),
                     "budget": put(state["budget"], budget_R), "done": put(state["done"], jnp.zeros_like(lengths_R, bool)),
                     "key": put(state["key"], jax.random.key_data(keys_R))}
 
-  def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, steps, window):
-    """`steps` decode steps for every slot, attending to the first `window` cache slots; emits each
-    step's token, its log-probability and whether it belongs to a live row. Done rows compute along
-    but stand still."""
+  def _decode_fn(self, params, state, temperature, top_k, top_p, stop_ids, until_free, steps, window):
+    """Up to `steps` decode steps for every slot (`chunk_loop`), attending to the first `window` cache
+    slots: each feeds the row's token and emits the token it draws, its log-probability and whether
+    it belongs to a live row. Done rows compute along but stand still."""
     model = nnx.merge(self.graphdef, params)
 
-    def step(state, _):
+    def step(state):
       token, pos, count = state["token"], state["pos"], state["count"]
-      emitted = (token, state["logprob"], ~state["done"])
-      done = state["done"] | jnp.any(token[:, None] == stop_ids[None], axis=-1) | (count + 1 >= state["budget"])
       with sharding.activation_rules(self.mesh, self.rules):
         logits, cache = model.decode(token[:, None], pos[:, None], state["cache"], window)
-      keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), count + 1)
+      keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), count)
       drawn, logprob = choose(keys, logits[:, 0], temperature, top_k, top_p, self.vocab)
+      live = ~state["done"]
+      done = state["done"] | jnp.any(drawn[:, None] == stop_ids[None], axis=-1) | (count + 1 >= state["budget"])
       go = ~done
-      state = state | {"cache": cache, "token": jnp.where(go, drawn, token), "logprob": jnp.where(go, logprob, state["logprob"]),
-                       "pos": jnp.where(go, pos + 1, pos), "count": jnp.where(go, count + 1, count), "done": done}
-      return state, emitted
+      state = state | {"cache": cache, "token": jnp.where(go, drawn, token), "pos": jnp.where(go, pos + 1, pos),
+                       "count": jnp.where(go, count + 1, count), "done": done}
+      return state, (drawn, logprob, live)
 
-    state, (tokens, logprobs, live) = jax.lax.scan(step, state, None, length=steps)
-    return state, tokens.T, logprobs.T, live.T
+    return chunk_loop(step, state, steps, 1, until_free)
 
   def _compile(self, key: tuple, fn, *args, **static) -> Any:
     if key not in self.compiled:
@@ -346,27 +370,31 @@ class Sampler:
     return jax.ShapeDtypeStruct(Knobs().seed_key().shape, jnp.uint32)
 
   def insert_function(self, B: int, S: int, R: int, P: int) -> Any:
-    """Compiled prefill of R prompts of a P-token bucket into a state of B slots of S positions."""
+    """Compiled insert of R prompts whose prefills (all but their last tokens) fit a P-token bucket
+    into a state of B slots of S positions."""
     row = lambda dtype, *shape: self.row_struct(dtype, R, *shape)
     state = self.abstract_state(B, S)
     return self._compile(("insert", B, S, R, P), self._insert_fn, self._abstract(self.params), state,
-                         row(jnp.int32, P), *[row(jnp.int32)] * 5, self._seed_shape(), *self._knob_shapes())
+                         row(jnp.int32, P), *[row(jnp.int32)] * 6, self._seed_shape())
 
   def decode_function(self, B: int, S: int, steps: int, window: int | None = None) -> Any:
-    """Compiled chunk of `steps` decode steps over B slots of S positions, attending to the first
+    """Compiled chunk of up to `steps` decode steps over B slots of S positions, attending to the first
     `window` (default all S)."""
     window = window or S
     return self._compile(("decode", B, S, steps, window), self._decode_fn, self._abstract(self.params),
-                         self.abstract_state(B, S), *self._knob_shapes(),
-                         jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), steps=steps, window=window)
+                         self.abstract_state(B, S), *self._knob_shapes(), *self.chunk_shapes(), steps=steps, window=window)
+
+  def chunk_shapes(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """A decode chunk's stop ids and its `until_free` switch."""
+    return jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_)
 
   def run(self, requests: Iterable[Request], knobs: Knobs, *, batch_size: int = 16, chunk: int | None = None,
           stop_tokens: Sequence[int] = (), logprobs: bool = False, static: int = 0,
           check: Callable[[], None] | None = None) -> Iterator[Completion]:
     """Completions in the order they finish. `static` > 0 batches as a fixed-batch sampler does (the
     benchmark's baseline): new prompts enter only when every slot is free, and each batch runs
-    `static` decode steps (its max_new_tokens) however early its rows stop. `chunk`: decode steps
-    per compiled call, by default the config's `sample.chunk`. `check`: called after each chunk's
+    `static` decode steps (its max_new_tokens) however early its rows stop. `chunk`: the most decode
+    steps per compiled call (one ends early when a row finishes), by default the config's `sample.chunk`. `check`: called after each chunk's
     completions on every process; a ConfigError it raises on any stops them all."""
     if batch_size < 1:
       raise ConfigError(f"batch_size={batch_size} must be at least 1")
@@ -382,24 +410,25 @@ class Sampler:
     advance = chunk * (self.speculation.k + 1 if self.speculation else 1)  # the most a row moves in a chunk
     state = self.empty_state(B, S)
     knob_arrays, seed_key = knobs.arrays(), knobs.seed_key()  # once: each array made costs a dispatch
+    until_free = jnp.bool_(not static)
     slots: list[Slot | None] = [None] * B
     steps_in_batch = 0
     while waiting or any(slots):
       free = [s for s, slot in enumerate(slots) if slot is None]
       if waiting and free and (not static or len(free) == B):
         batch = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-        state = self._insert(state, batch, free, (seed_key, *knob_arrays), B, S)
+        state = self._insert(state, batch, free, seed_key, B, S)
         for s, request in zip(free, batch):
           slots[s] = Slot(request)
         steps_in_batch = 0
-      # A live row's pending token sits at position len(prompt) + tokens taken.
-      need = max((len(s.request.ids) + len(s.token_ids) for s in slots if s and not s.finished), default=0) + advance
+      # A live row's next step feeds the token at position len(prompt) - 1 + tokens taken.
+      need = max((len(s.request.ids) - 1 + len(s.token_ids) for s in slots if s and not s.finished), default=0) + advance
       if self.speculation:
         decode = self.speculation.decode_function(self, B, S, chunk, window(need, S))
       else:
         decode = self.decode_function(B, S, chunk, window(need, S))
       start, compiling = time.perf_counter(), self.timing.compile_seconds
-      state, ids, lps, live = decode(self.params, state, *knob_arrays, stop_ids)
+      state, ids, lps, live = decode(self.params, state, *knob_arrays, stop_ids, until_free)
       ids, lps, live = self._gather(ids, lps, live)
       self.timing.decode_seconds += time.perf_counter() - start - (self.timing.compile_seconds - compiling)
       if self.speculation:
@@ -438,35 +467,34 @@ class Sampler:
     self.timing.compile_seconds += time.perf_counter() - start
     return gathered
 
-  def _insert(self, state, batch: list[Request], free: list[int], knob_arrays: tuple[jax.Array, ...], B: int, S: int):
+  def _insert(self, state, batch: list[Request], free: list[int], seed_key: jax.Array, B: int, S: int):
     """Prefills `batch` into slots `free`, shortest prompts first, the prompts of one bucket together
-    (`prefill_rows` at a time): no prompt pads to a longer one's bucket. `knob_arrays`: the seed's key
-    and the sampling knobs."""
+    (`prefill_rows` at a time): no prompt pads to a longer one's bucket."""
     start, compiling = time.perf_counter(), self.timing.compile_seconds
     pairs = sorted(zip(batch, free), key=lambda pair: len(pair[0].ids))
     done = 0
     while done < len(pairs):
-      P = prompt_bucket(len(pairs[done][0].ids), S)
-      same = sum(prompt_bucket(len(r.ids), S) == P for r, _ in pairs[done:])  # a run, as they are sorted
+      P = prompt_bucket(len(pairs[done][0].ids) - 1, S)
+      same = sum(prompt_bucket(len(r.ids) - 1, S) == P for r, _ in pairs[done:])  # a run, as they are sorted
       R = prefill_rows(same, self.rows_multiple)
       n = min(R, same)
-      state = self._prefill_rows(state, pairs[done:done + n], R, P, knob_arrays, B, S)
+      state = self._prefill_rows(state, pairs[done:done + n], R, P, seed_key, B, S)
       done += n
     state = jax.block_until_ready(state)
     self.timing.prefill_seconds += time.perf_counter() - start - (self.timing.compile_seconds - compiling)
     return state
 
-  def _prefill_rows(self, state, pairs: list[tuple[Request, int]], R: int, P: int, knob_arrays: tuple[jax.Array, ...],
-                    B: int, S: int):
-    """One compiled prefill of `pairs` (request, slot), padded to R rows of P tokens."""
+  def _prefill_rows(self, state, pairs: list[tuple[Request, int]], R: int, P: int, seed_key: jax.Array, B: int, S: int):
+    """One compiled insert of `pairs` (request, slot), their prefills padded to R rows of P tokens."""
     tokens = np.zeros((R, P), np.int32)
-    lengths, budgets, index, sample = np.ones((R,), np.int32), np.ones((R,), np.int32), np.zeros((R,), np.int32), np.zeros((R,), np.int32)
+    lengths, last, budgets, index, sample = (np.zeros((R,), np.int32) for _ in range(5))
     slots = np.full((R,), B, np.int32)  # past the last slot: dropped
     for r, (request, slot) in enumerate(pairs):
-      tokens[r, :len(request.ids)] = request.ids
-      lengths[r], budgets[r], slots[r], index[r], sample[r] = len(request.ids), request.budget, slot, request.index, request.sample
+      *head, last[r] = request.ids
+      tokens[r, :len(head)] = head
+      lengths[r], budgets[r], slots[r], index[r], sample[r] = len(head), request.budget, slot, request.index, request.sample
     insert = self.insert_function(B, S, R, P)
-    state = insert(self.params, state, *map(self._rows, (tokens, lengths, budgets, slots, index, sample)), *knob_arrays)
+    state = insert(self.params, state, *map(self._rows, (tokens, lengths, last, budgets, slots, index, sample)), seed_key)
     if self.speculation:
       state = self.speculation.insert(self, state, *map(self._rows, (tokens, lengths, slots)))
     self.timing.prefill_tokens += int(lengths[:len(pairs)].sum())

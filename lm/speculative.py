@@ -1,15 +1,15 @@
 """Speculative decoding: a cheap proposer guesses K tokens, the target scores all K+1 positions in one pass.
 
 A round, one compiled function over every slot: the proposer guesses K tokens after the row's
-pending token; the target decodes the pending token and the K guesses at once (T=K+1); the standard
-speculative-sampling rule keeps the longest accepted prefix and draws one more token from the
-target (its own next token when greedy). Rows accept different counts, so each keeps its own
-position; cache slots written for rejected guesses are overwritten by later rounds.
+last token (the prompt's, or the last emitted); the target decodes that token and the K guesses at
+once (T=K+1); the standard speculative-sampling rule keeps the longest accepted prefix and draws one
+more token from the target (its own next token when greedy). Rows accept different counts, so each
+keeps its own position; cache slots written for rejected guesses are overwritten by later rounds.
 
 It plugs into the engine (`lm.sampler.Sampler`) through `sampler.speculation`: the engine adds
 `abstract_state` to its state, calls `insert` after its own prefill, runs `decode_function` chunks
-in place of its decode steps (same inputs and outputs: K+1 token places per round, the live ones
-kept) and `tally`s the acceptance.
+in place of its decode steps (same inputs and outputs: K+1 token places per round, the kept guesses
+and the token after them live) and `tally`s the acceptance.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flax import nnx
 from lm import config, sharding
 from lm.checkpoint import open_run, run_step
 from lm.config import ConfigError
-from lm.sampler import MAX_STOP_TOKENS, Sampler, Timing, scaled_logits
+from lm.sampler import Sampler, Timing, chunk_loop, scaled_logits
 
 
 def probabilities(logits_BxTxV: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -112,7 +112,7 @@ class Ngram:
 
 class Draft:
   """A smaller model on the same tokenizer, with its own cache in the engine state: prefilled at
-  insert, it decodes the pending token and its own K guesses each round (K+1 steps, so the last
+  insert, it decodes the row's last token and its own K guesses each round (K+1 steps, so the last
   guess is in its cache should every guess be kept)."""
   name = "draft"
 
@@ -124,8 +124,7 @@ class Draft:
     return {"draft_cache": self.draft.abstract_state(B, S)["cache"]}
 
   def insert(self, target: Sampler, params, state, tokens_RxP, lengths_R, slots_R):
-    _, cache = self.draft.prefill(params, state["draft_cache"], tokens_RxP, lengths_R, slots_R)
-    return state | {"draft_cache": cache}
+    return state | {"draft_cache": self.draft.prefill(params, state["draft_cache"], tokens_RxP, lengths_R, slots_R)}
 
   def propose(self, target: Sampler, params, state, keys_B, K: int, knobs, window: int) -> tuple[jax.Array, jax.Array, Any]:
     model = nnx.merge(self.draft.graphdef, params)
@@ -162,17 +161,18 @@ class Speculation:
                              *map(target._abstract, (tokens_RxP, lengths_R, slots_R)))
     return insert(self.proposer.params, state, tokens_RxP, lengths_R, slots_R)
 
-  def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, stop_ids, rounds, window):
-    """`rounds` rounds for every slot, attending to the first `window` cache slots; emits K+1 token
-    places per round (the pending token and the guesses), live where the row is live and the guess
-    was kept. Done rows compute along but stand still, and the chunk ends early once every row is done."""
+  def _round_fn(self, target: Sampler, params, state, draft_params, temperature, top_k, top_p, stop_ids, until_free,
+                rounds, window):
+    """Up to `rounds` rounds for every slot (`chunk_loop`), attending to the first `window` cache slots;
+    emits K+1 token places per round (the kept guesses, then the target's token), live where the row
+    is live and the place is filled. Done rows compute along but stand still."""
     model = nnx.merge(target.graphdef, params)
     K = self.k
     knobs = (temperature, top_k, top_p)
 
-    def one(state, _):
+    def one(state):
       token_B, pos_B, count_B, done_B = state["token"], state["pos"], state["count"], state["done"]
-      keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), count_B + 1)
+      keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(state["key"]), count_B)
       keys_3xB = jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys_B)
       drafts_BxK, q_BxKxV, state = self.proposer.propose(target, draft_params, state, keys_3xB[0], K, knobs, window)
       tokens_BxT = jnp.concatenate([token_B[:, None], drafts_BxK], axis=1)
@@ -181,42 +181,27 @@ class Speculation:
         logits, cache = model.decode(tokens_BxT, positions_BxT, state["cache"], window)
       logits_BxTxV = logits[..., :target.vocab].astype(jnp.float32)
       kept_B, next_B = accept(keys_3xB[1], keys_3xB[2], probabilities(logits_BxTxV, *knobs), q_BxKxV, drafts_BxK)
-      logprobs_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-      logprob_BxK = jnp.take_along_axis(logprobs_BxTxV[:, :K], drafts_BxK[..., None], axis=-1)[..., 0]
-      next_logprob_B = jnp.take_along_axis(jnp.take_along_axis(logprobs_BxTxV, kept_B[:, None, None], axis=1)[:, 0],
-                                           next_B[:, None], axis=-1)[:, 0]
+      emitted_BxT = jnp.where(jnp.arange(K + 1)[None] == kept_B[:, None], next_B[:, None], jnp.pad(drafts_BxK, ((0, 0), (0, 1))))
+      logprob_BxT = jnp.take_along_axis(jax.nn.log_softmax(logits_BxTxV, axis=-1), emitted_BxT[..., None], axis=-1)[..., 0]
       live_BxT = ~done_B[:, None] & (jnp.arange(K + 1)[None] <= kept_B[:, None])
-      stopped_B = jnp.any(live_BxT & jnp.any(tokens_BxT[..., None] == stop_ids, axis=-1), axis=-1)
+      stopped_B = jnp.any(live_BxT & jnp.any(emitted_BxT[..., None] == stop_ids, axis=-1), axis=-1)
       n_B = kept_B + 1
       done = done_B | stopped_B | (count_B + n_B >= state["budget"])
       go = ~done
-      with_next = jnp.where(jnp.arange(K + 2)[None] == n_B[:, None], next_B[:, None], jnp.pad(tokens_BxT, ((0, 0), (0, 1))))
-      state = self.proposer.record(state, with_next, pos_B)
-      emitted = (tokens_BxT, jnp.concatenate([state["logprob"][:, None], logprob_BxK], axis=1), live_BxT)
+      state = self.proposer.record(state, jnp.concatenate([token_B[:, None], emitted_BxT], axis=1), pos_B)
       state = state | {"cache": cache, "token": jnp.where(go, next_B, token_B),
-                       "logprob": jnp.where(go, next_logprob_B, state["logprob"]),
                        "pos": jnp.where(go, pos_B + n_B, pos_B), "count": jnp.where(go, count_B + n_B, count_B), "done": done}
-      return state, emitted
+      return state, (emitted_BxT, logprob_BxT, live_BxT)
 
-    # A round costs a pass of K+1 tokens: the chunk stops early once every row is done.
-    def body(carry):
-      i, state, out = carry
-      state, emitted = one(state, None)
-      return i + 1, state, tuple(jax.lax.dynamic_update_slice(o, e, (0, i * (K + 1))) for o, e in zip(out, emitted))
-
-    B = state["token"].shape[0]
-    out = tuple(jnp.zeros((B, rounds * (K + 1)), dtype) for dtype in (jnp.int32, jnp.float32, jnp.bool_))
-    _, state, out = jax.lax.while_loop(lambda c: (c[0] < rounds) & ~jnp.all(c[1]["done"]), body, (0, state, out))
-    return state, *out
+    return chunk_loop(one, state, rounds, K + 1, until_free)
 
   def decode_function(self, target: Sampler, B: int, S: int, rounds: int, window: int | None = None):
-    """Compiled chunk of `rounds` rounds, called as the engine calls its decode chunk."""
+    """Compiled chunk of up to `rounds` rounds, called as the engine calls its decode chunk."""
     window = window or S
     compiled = target._compile(("speculate", self.proposer.name, self.k, B, S, rounds, window),
                                functools.partial(self._round_fn, target),
                                target._abstract(target.params), target.abstract_state(B, S),
-                               target._abstract(self.proposer.params), *target._knob_shapes(),
-                               jax.ShapeDtypeStruct((MAX_STOP_TOKENS,), jnp.int32),
+                               target._abstract(self.proposer.params), *target._knob_shapes(), *target.chunk_shapes(),
                                rounds=rounds, window=window)
     return lambda params, state, *rest: compiled(params, state, self.proposer.params, *rest)
 

@@ -43,8 +43,8 @@ def test_int8_cache_rounds_each_token_and_head_and_samples_like_the_float_cache(
   for r, row in enumerate(ids):
     tokens[r, :len(row)] = row
   args = (jnp.asarray(tokens), jnp.asarray([len(r) for r in ids], jnp.int32), jnp.arange(len(ids), dtype=jnp.int32))
-  _, float_cache = jax.jit(exact.prefill)(exact.params, exact.empty_state(4, 64)["cache"], *args)
-  _, int8_cache = jax.jit(int8.prefill)(int8.params, int8.empty_state(4, 64)["cache"], *args)
+  float_cache = jax.jit(exact.prefill)(exact.params, exact.empty_state(4, 64)["cache"], *args)
+  int8_cache = jax.jit(int8.prefill)(int8.params, int8.empty_state(4, 64)["cache"], *args)
   for (fk, fv), (qk, qv) in zip(float_cache, int8_cache):
     for f, q in ((fk, qk), (fv, qv)):
       f, values, scales = np.asarray(f), np.asarray(q.values_BxKxSxH), np.asarray(q.scales_BxKxS)

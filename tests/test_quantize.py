@@ -121,7 +121,7 @@ def test_int8_on_a_trained_run_loses_under_one_percent_and_keeps_greedy_output(t
   for r, (row, c) in enumerate(zip(ids, want)):
     prompt_RxP[r, :len(row)], forced_RxT[r, :len(c.token_ids) - 1] = row, c.token_ids[:-1]
   lengths_R = np.asarray([len(row) for row in ids], np.int32)
-  _, cache = jax.jit(kv.prefill)(kv.params, kv.empty_state(32, cfg.model.max_seq_len)["cache"], jnp.asarray(prompt_RxP),
+  cache = jax.jit(kv.prefill)(kv.params, kv.empty_state(32, cfg.model.max_seq_len)["cache"], jnp.asarray(prompt_RxP),
                                  jnp.asarray(lengths_R), jnp.arange(32, dtype=jnp.int32))
   positions_RxT = lengths_R[:, None] + np.arange(63)
   decoded = np.asarray(jax.jit(lambda p, c: nnx.merge(kv.graphdef, p).decode(jnp.asarray(forced_RxT), jnp.asarray(positions_RxT), c)[0])(

@@ -23,7 +23,7 @@ from lm import config, convert, jobs, sharding, speculative
 from lm.config import ConfigError
 from lm.model import Transformer
 from lm.params import abstract_model, param_shardings, unstack
-from lm.sampler import Knobs, Sampler, choose, decode_mesh, prompt_bucket, window
+from lm.sampler import Knobs, Request, Sampler, choose, decode_mesh, prompt_bucket, window
 from tests.conftest import ROOT, run_trainer, stacked, tiny_overrides
 
 
@@ -82,9 +82,7 @@ def test_every_cached_decode_step_matches_the_full_forward_pass(tokenizer):
   tokens = jnp.asarray(rng.integers(0, tokenizer.vocab_size, (2, 20)), jnp.int32)
   full = model(tokens)
   prompt, S = 8, 20
-  last = jnp.array([prompt - 1, 3])  # the prefill's logits at one position per row
-  logits, kv = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)), last)
-  np.testing.assert_allclose(logits, full[jnp.arange(2), last], atol=1e-4)
+  kv = model.prefill(tokens[:, :prompt], jnp.ones((2, prompt), jnp.int32), jnp.tile(jnp.arange(prompt), (2, 1)))
   pad = [(0, 0), (0, 0), (0, S - prompt), (0, 0)]  # a layer's cache is [B, kv_heads, S, head_dim]
   cache = tuple(tuple(jnp.pad(c.swapaxes(1, 2), pad) for c in layer) for layer in kv)
   for t in range(prompt, S):
@@ -139,6 +137,31 @@ def test_continuous_batching_equals_the_naive_decoder_token_for_token(tokenizer)
       assert [c.token_ids for c in got] == want, (knobs, batch_size, chunk, static)
       assert [c.finish_reason for c in got] == ["length" if len(w) == n else "stop" for w in want]
       assert sampler.timing.decode_tokens == sum(map(len, want))  # kept tokens only
+
+
+def test_a_slot_freed_mid_chunk_takes_the_next_prompt_at_once(tokenizer):
+  """Two slots, chunk 16: the chunk ends after the step in which the first row finishes, so the third
+  starts then, not 16 steps in. The first prompt is one token: nothing to prefill."""
+  sampler = make_sampler(tokenizer)
+  ids = [sampler.encode(PROMPTS[0])[:1], sampler.encode(PROMPTS[0]), sampler.encode(PROMPTS[1])]
+  requests = [Request(i, 0, "", row, budget) for i, (row, budget) in enumerate(zip(ids, (3, 16, 16)))]
+  steps, decode_function = [], sampler.decode_function
+
+  def counted(*args, **kwargs):
+    chunk = decode_function(*args, **kwargs)
+
+    def run(*inputs):
+      out = chunk(*inputs)
+      steps.append(int(np.asarray(out[3]).any(axis=0).sum()))  # steps with a live row
+      return out
+    return run
+
+  sampler.decode_function = counted
+  got = sorted(sampler.run(requests, Knobs(), batch_size=2, chunk=16), key=lambda c: c.index)
+  for r, c in zip(requests, got):
+    assert c.token_ids == until_eos(naive_greedy(sampler.cfg, sampler.params, r.ids, r.budget), tokenizer.eos_id)
+  first, second, third = (len(c.token_ids) + (c.finish_reason == "stop") for c in got)  # a stop token takes a step
+  assert first < 16 and sum(steps) == max(second, first + third) < max(second, 16 + third)
 
 
 def test_unstack_gives_each_layer_its_own_weights_and_lets_go_of_the_stacked_ones():
@@ -392,7 +415,7 @@ def test_cli_samples_a_checkpoint_trained_on_another_mesh(tmp_path):
   decode += [f.as_text() for key, f in rows_only.compiled.items() if key[0] == "speculate"]
   collectives = [line for h in decode for line in h.splitlines()
                  if re.search(r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)", line)]
-  # but the one flag of the rounds' loop: whether every row is done, which ends a chunk early
+  # but the one flag of each chunk's loop: whether a row finished, which ends the chunk
   assert len(decode) >= 2 and all(re.search(r"= pred\[\] all-reduce\(", line) for line in collectives), collectives
   tokenizer = default.tokenizer.path
   tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")  # another tokenizer where the run's was

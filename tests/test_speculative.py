@@ -52,16 +52,16 @@ def greedy_by_recompute(sampler: Sampler):
 
 
 def replayed_rounds(requests: list[Request], propose, target_next, stops: list[int], K: int) -> tuple[int, int]:
-  """(accepted, proposed) guesses of greedy rounds replayed on the host: a round keeps the leading
-  guesses that agree with the target's greedy continuation, then the target's own token; a row ends
-  at a stop token or its budget."""
+  """(accepted, proposed) guesses of greedy rounds replayed on the host: a round guesses after the
+  prompt and the tokens emitted so far, keeps the leading guesses that agree with the target's greedy
+  continuation, then the target's own token; a row ends at a stop token or its budget."""
   accepted = proposed = 0
   for r in requests:
-    seq = target_next(r.ids, r.budget + K + 1)  # the pending token, then what the target writes after it
+    seq = target_next(r.ids, r.budget + K + 1)  # what the target writes after the prompt
     count = 0
     while True:
-      guesses = propose(r.ids + seq[:count + 1], K)
-      kept = next((k for k in range(K) if guesses[k] != seq[count + 1 + k]), K)
+      guesses = propose(r.ids + seq[:count], K)
+      kept = next((k for k in range(K) if guesses[k] != seq[count + k]), K)
       accepted, proposed = accepted + kept, proposed + K
       if set(seq[count:count + kept + 1]) & set(stops) or count + kept + 1 >= r.budget:
         break
