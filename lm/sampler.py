@@ -1,7 +1,7 @@
 """The sampling engine: continuous batching over a fixed set of slots, with a KV cache.
 
 The engine keeps `batch_size` slots, each one row of a key/value cache. Between compiled chunks of
-up to `chunk` decode steps (one loop, which ends early after a step in which a row finishes), the
+up to `chunk` decode steps (one loop, which ends after a step in which a row finishes), the
 host loop in `Sampler.run` retires rows that emitted a stop token or reached their budget and inserts
 waiting prompts into the free slots: a prefill of all but each prompt's last token, whose keys and
 values are written into those slots' cache rows; the row's first decode step feeds the last token and

@@ -81,13 +81,13 @@ class Ngram:
     R, P = tokens_RxP.shape
     S = state["history"].shape[1]
     rows_RxS = jnp.zeros((R, S), jnp.int32).at[:, :P].set(tokens_RxP)
-    pending_R = jnp.take(state["token"], slots_R, mode="fill", fill_value=0)
-    rows_RxS = rows_RxS.at[jnp.arange(R), lengths_R].set(pending_R, mode="drop")
+    last_R = jnp.take(state["token"], slots_R, mode="fill", fill_value=0)  # the prompt's last, not prefilled
+    rows_RxS = rows_RxS.at[jnp.arange(R), lengths_R].set(last_R, mode="drop")
     return state | {"history": state["history"].at[slots_R].set(rows_RxS, mode="drop")}
 
   def propose(self, target: Sampler, params, state, keys_B, K: int, knobs, window: int) -> tuple[jax.Array, jax.Array, Any]:
     """`window` is the draft model's (no cache here)."""
-    history_BxS, pos_B = state["history"], state["pos"]  # the pending token sits at pos
+    history_BxS, pos_B = state["history"], state["pos"]  # the row's last token sits at pos
     S = history_BxS.shape[1]
     j_S = jnp.arange(S)
     match_BxS = j_S[None] < pos_B[:, None]  # an occurrence ending at j, before the row's end
