@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     token_cache.existing(out)  # before a tokenizer is trained into it
     if cfg.data.mixture or cfg.data.val_source:
       raise ConfigError("lm-prepare tokenizes data.source alone; prepare each source of data.mixture (or data.val_source) into its own cache")
+    if cfg.data.source.startswith("tokens:"):
+      raise ConfigError(f"data.source='{cfg.data.source}' is a token cache already; lm-prepare tokenizes the others: stdlib, text files, "
+                        f"jsonl:, parquet: or arrayrecord:")
     docs = data.documents(cfg.data.source, cfg.data.text_field)
     given = Tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
     writable_dir(out, "--out directory")  # after the checks (a refusal leaves no directory), before the long work

@@ -230,6 +230,8 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
   _check_new(workdir, "work directory")
   try:
     hf = json.loads(where.read_text())
+    if not isinstance(hf, dict):
+      raise ConfigError(f"expected a JSON object of settings, not {type(hf).__name__}")
     m = model_config(hf, where)
     config.from_dict({"model": dataclasses.asdict(m)})  # each value of the type and range our settings take
   except json.JSONDecodeError as e:

@@ -24,7 +24,7 @@ from lm.sampler import Completion
 def read_prompts(path: str) -> list[str]:
   """One JSON object per line with a "prompt" string (a bare JSON string also works)."""
   file = Path(path)
-  if not file.is_file():
+  if file.is_dir() or not file.exists():  # a pipe (/dev/stdin, <(...)) is read as a file is
     raise ConfigError(f"--prompts file '{path}' {'is a directory' if file.is_dir() else 'does not exist'}")
   try:
     text = file.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first prompt
@@ -83,7 +83,7 @@ def open_output(path: str | Path, settings: dict[str, Any], write: bool = True) 
 
 
 def _open_output(path: Path, settings: dict[str, Any]) -> tuple[TextIO, set[tuple[int, int]]]:
-  raw = path.read_bytes() if path.exists() else b""
+  raw = path.read_bytes() if path.is_file() else b""  # a pipe or a terminal holds nothing to resume
   complete = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a killed run is dropped
   lines = complete.decode(errors="replace").splitlines()  # not UTF-8: not ours, refused below
   done: set[tuple[int, int]] = set()

@@ -399,10 +399,10 @@ class Sampler:
     if batch_size < 1:
       raise ConfigError(f"batch_size={batch_size} must be at least 1")
     stops = self.stops(stop_tokens)
-    chunk = chunk or self.cfg.sample.chunk
     waiting = collections.deque(requests)
     if not waiting:
       return
+    chunk = min(chunk or self.cfg.sample.chunk, max(r.budget for r in waiting))  # a step or round emits a token at least
     stop_ids = jnp.asarray(stops + [-1] * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
     # No more slots than requests: a slot with nothing in it still costs its share of every step.
     B = -(-min(batch_size, len(waiting)) // self.rows_multiple) * self.rows_multiple

@@ -22,7 +22,7 @@ import tqdm
 
 from lm.config import ConfigError
 from lm.formats import Recent
-from lm.tokenizer import Tokenizer
+from lm.tokenizer import Tokenizer, file_digest
 
 FORMAT = 1
 OPEN_SHARDS = 128  # memory maps a reader keeps open, each holding a file descriptor: shuffled reads reach every shard
@@ -87,12 +87,16 @@ def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, wo
     if differ:
       raise ConfigError(f"'{out}' holds a token cache made otherwise ({'; '.join(differ)}); rerun with those settings, "
                         f"or use another directory")
+  model = out / "tokenizer.model"
+  if model.is_file() and model.absolute() != tokenizer.path.absolute() and file_digest(model) != tokenizer.sha256:
+    raise ConfigError(f"'{model}' is another tokenizer than {tokenizer.path} (another SHA-256); use another directory, "
+                      f"or remove it to have it replaced")
   out.mkdir(parents=True, exist_ok=True)
   for leftover in out.glob("*.tmp*"):  # a shard an interrupted run was writing
     leftover.unlink()
   index_path.write_text(json.dumps({**plan, "complete": False}, indent=2))
-  if tokenizer.path.absolute() != (out / "tokenizer.model").absolute():
-    shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+  if tokenizer.path.absolute() != model.absolute():
+    shutil.copyfile(tokenizer.path, model)
   shards = -(-len(docs) // shard_docs)
   todo = [s for s in range(shards) if not _shard_paths(out, s)[1].exists()]
   bar = tqdm.tqdm(total=shards, initial=shards - len(todo), unit="shard", disable=not progress, dynamic_ncols=True)

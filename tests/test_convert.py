@@ -253,6 +253,9 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
   (hf_dir / "config.json").write_text('{"hidden_size": 64,')
   assert f"{hf_dir / 'config.json'} is not valid JSON (Expecting property name enclosed in double quotes at line 1)" in fails(
       "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
+  (hf_dir / "config.json").write_text("[]")
+  assert f"{hf_dir / 'config.json'}: expected a JSON object of settings, not list" in fails(
+      "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
   sharded = save_hf(tmp_path / "sharded", tokenizer, max_shard_size="100KB")  # a download cut short
   shards = sorted(sharded.glob("model-*.safetensors"))
   shards[1].write_bytes(shards[1].read_bytes()[:1000])

@@ -479,6 +479,10 @@ def test_prepare_refuses_what_it_would_not_make_in_one_line(tmp_path, capsys):
   assert not (tmp_path / "cache").exists()
   assert main(["--out", str(tmp_path / "file" / "cache"), "--quiet"]) == 1  # before training a tokenizer on stdlib
   assert capsys.readouterr().err == f"error: --out directory '{tmp_path / 'file' / 'cache'}' is not writable: Not a directory\n"
+  assert main(["--out", str(tmp_path / "cache"), "--quiet", f"data.source=tokens:{tmp_path / 'c0'}"]) == 1
+  assert capsys.readouterr().err == (f"error: data.source='tokens:{tmp_path / 'c0'}' is a token cache already; lm-prepare "
+                                     "tokenizes the others: stdlib, text files, jsonl:, parquet: or arrayrecord:\n")
+  assert not (tmp_path / "cache").exists()
 
 
 def test_prepare_checks_its_directory_and_tokenizer_before_training_one(tmp_path, capsys, tokenizer):
@@ -497,6 +501,12 @@ def test_prepare_checks_its_directory_and_tokenizer_before_training_one(tmp_path
   assert main(["--out", str(tmp_path / "cache"), "--quiet", source, "tokenizer.vocab_size=1024"]) == 1
   assert capsys.readouterr().err == (f"error: {tmp_path / 'cache' / 'tokenizer.model'} was trained as a bpe tokenizer of 512 pieces, "
                                      "not with tokenizer.model_type=bpe tokenizer.vocab_size=1024; delete it to train another, or use a new --out\n")
+  (tmp_path / "mine").mkdir()  # the user's own tokenizer, where another is given
+  (tmp_path / "mine" / "tokenizer.model").write_bytes(b"a tokenizer")
+  assert main(["--out", str(tmp_path / "mine"), "--quiet", source, f"tokenizer.path={tokenizer.path}"]) == 1
+  assert capsys.readouterr().err == (f"error: '{tmp_path / 'mine' / 'tokenizer.model'}' is another tokenizer than {tokenizer.path} "
+                                     "(another SHA-256); use another directory, or remove it to have it replaced\n")
+  assert (tmp_path / "mine" / "tokenizer.model").read_bytes() == b"a tokenizer"
 
 
 def test_prepare_trains_its_tokenizer_on_the_documents_training_will_read(tmp_path, tokenizer, monkeypatch):

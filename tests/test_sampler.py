@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -162,6 +163,9 @@ def test_a_slot_freed_mid_chunk_takes_the_next_prompt_at_once(tokenizer):
     assert c.token_ids == until_eos(naive_greedy(sampler.cfg, sampler.params, r.ids, r.budget), tokenizer.eos_id)
   first, second, third = (len(c.token_ids) + (c.finish_reason == "stop") for c in got)  # a stop token takes a step
   assert first < 16 and sum(steps) == max(second, first + third) < max(second, 16 + third)
+  # A chunk longer than any budget runs as one of the largest budget (2**31 steps overflowed, and
+  # 10**9 allocated [slots, chunk] outputs).
+  assert [c.token_ids for c in sampler.run(requests[:1], Knobs(), chunk=3_000_000_000)] == [got[0].token_ids]
 
 
 def test_unstack_gives_each_layer_its_own_weights_and_lets_go_of_the_stacked_ones():
@@ -356,6 +360,25 @@ def test_prompts_and_outputs_that_cannot_be_used_are_one_line(tmp_path, monkeypa
     jobs.read_prompts(str(binary))
   with pytest.raises(ConfigError, match=f"^--prompts file '{tmp_path}' is a directory$"):
     jobs.read_prompts(str(tmp_path))
+  fifo = tmp_path / "fifo"  # a pipe, as /dev/stdin, <(...) or /dev/stdout give: read as a file, written as a stream
+  os.mkfifo(fifo)
+  writer = threading.Thread(target=lambda: fifo.write_text('{"prompt": "piped"}\n'), daemon=True)
+  writer.start()
+  assert jobs.read_prompts(str(fifo)) == ["piped"]
+  writer.join()
+  received, opened = [], []
+  reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+  opener = threading.Thread(target=lambda: opened.append(jobs.open_output(fifo, {"seed": 0})), daemon=True)
+  reader.start()
+  opener.start()
+  opener.join(30)
+  if not opened:  # it read its own output pipe, waiting for ever: an end of file frees the reader
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+  assert opened, "open_output waited on a pipe"
+  out, done = opened[0]
+  out.close()
+  reader.join(30)
+  assert done == set() and received == ['{"settings": {"seed": 0}}\n']
   scraped = tmp_path / "scraped.jsonl"  # JSON may hold a line separator unescaped, as ensure_ascii=False writes it
   scraped.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in ("one\u2028two", "three")))
   assert jobs.read_prompts(str(scraped)) == ["one\u2028two", "three"]
