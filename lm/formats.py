@@ -35,13 +35,18 @@ def utf8(text: str) -> str:
     return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
+def malformed(e: json.JSONDecodeError) -> str:
+  """json's message without its own position (some end in "at"), the column after it."""
+  return f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+
+
 def record_text(line: bytes, where: str, field: str) -> str:
   """The `field` of one JSON Lines record, read as text files are (bad bytes become U+FFFD, a BOM is
   dropped); `where` is FILE:LINE for the one-line error."""
   try:
     record = json.loads(line.decode("utf-8-sig", errors="replace"))
   except json.JSONDecodeError as e:
-    raise ConfigError(f"{where}: malformed JSON ({e.msg})") from None
+    raise ConfigError(f"{where}: {malformed(e)}") from None
   if not isinstance(record, dict) or not isinstance(record.get(field), str):
     raise ConfigError(f"{where}: no string field '{field}' (set data.text_field)")
   return utf8(record[field])

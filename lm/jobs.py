@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from lm import distributed
 from lm.config import ConfigError
-from lm.formats import utf8
+from lm.formats import malformed, utf8
 from lm.sampler import Completion
 
 
@@ -39,7 +39,7 @@ def read_prompts(path: str) -> list[str]:
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+      raise ConfigError(f"{path}:{lineno}: {malformed(e)}") from None
     prompt = record.get("prompt") if isinstance(record, dict) else record
     if not isinstance(prompt, str):
       raise ConfigError(f"{path}:{lineno}: expected a \"prompt\" string")

@@ -535,7 +535,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
                    seed: int = 0) -> None:
   checks = [
       (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1"),
-      (temperature >= 0, f"temperature={temperature} must be >= 0 (0 is greedy)"),
+      (0 <= temperature < float("inf"), f"temperature={temperature} must be a finite number >= 0 (0 is greedy)"),
       (0 <= top_k < 2**31, f"top_k={top_k} must be in [0, 2**31) (0, or the vocabulary size or more, keeps every token)"),
       (0 < top_p <= 1, f"top_p={top_p} must be in (0, 1]"),
       (num_samples >= 1, f"num_samples={num_samples} must be at least 1"),

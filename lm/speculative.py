@@ -218,7 +218,10 @@ def target_len(state) -> int:
 
 def draft_model(spec: str) -> config.ModelConfig:
   """The draft's model, which the target's decode mesh must also split."""
-  ckpts, _, meta = open_run(*run_step(spec))
+  try:
+    ckpts, _, meta = open_run(*run_step(spec))
+  except ConfigError as e:
+    raise ConfigError(f"--draft: {e}") from None
   ckpts.close()
   return config.from_dict(meta["config"]).model
 

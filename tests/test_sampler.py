@@ -492,7 +492,9 @@ def sample_cli(*args):
     (["--prompt", ""], "prompt 0 is empty"),
     (["--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
     (["--prompt", "x", "--max-new-tokens", "5000"], "exceeds the model's max_seq_len=64"),
-    (["--prompts", "{bad}"], "p.jsonl:2: malformed JSON"),
+    (["--prompts", "{bad}"], "p.jsonl:2: malformed JSON (Expecting value at column 12)"),
+    (["--prompt", "x", "--temperature", "inf"], "temperature=inf must be a finite number >= 0 (0 is greedy)"),
+    (["--prompt", "x", "--draft", "{run}:3"], "--draft: work directory"),
     (["--prompt", "x", "--max-new-tokens", "4", "--batch-size", "-3"], "--batch-size=-3 must be at least 1"),
     (["--prompt", "x", "mesh.data=-1", "mesh.tensor=-1"], "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
     (["--prompt", "x", "train.steps=3"], "override 'train.steps=3' is not a setting this command takes (mesh.data, "),
@@ -500,7 +502,7 @@ def sample_cli(*args):
 def test_cli_errors_are_one_line(args, message, one_step_run, tmp_path):
   bad = tmp_path / "p.jsonl"
   bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
-  done = sample_cli("--workdir", str(one_step_run), *[str(bad) if a == "{bad}" else a for a in args])
+  done = sample_cli("--workdir", str(one_step_run), *[str(bad) if a == "{bad}" else a.replace("{run}", str(one_step_run)) for a in args])
   assert done.returncode == 1
   errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and message in errors[0], done.stderr
