@@ -38,7 +38,7 @@ def imported_llama(tmp: str) -> tuple[Sampler, transformers.LlamaForCausalLM]:
   torch.manual_seed(0)
   theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
   theirs.save_pretrained(tmp, safe_serialization=True)
-  m = model_config(json.loads((Path(tmp) / "config.json").read_text()), Path(tmp))
+  m = model_config(json.loads((Path(tmp) / "config.json").read_text()))
   cfg = config.Config(model=m, mesh=config.MeshConfig(data=1, fsdp=1, tensor=1))
   params = jax.device_put(read_params(Path(tmp), m), jax.devices()[0])
   return Sampler(cfg, params, None, sharding.make_mesh(cfg.mesh, jax.devices()[:1])), theirs

@@ -49,13 +49,13 @@ LAYER = {
 Slot = tuple[str, int | None, int]  # our flat parameter name, layer (None: not stacked), input axes
 
 
-def _require(hf: dict[str, Any], key: str, where: Path) -> Any:
+def _require(hf: dict[str, Any], key: str) -> Any:
   if hf.get(key) is None:
-    raise ConfigError(f"{where} has no '{key}'")
+    raise ConfigError(f"'{key}' is missing")
   return hf[key]
 
 
-def _unsupported(hf: dict[str, Any], where: Path) -> None:
+def _unsupported(hf: dict[str, Any]) -> None:
   """Settings that would make our model compute something else fail here, naming the field."""
   # transformers' Mistral attends over 4096 positions where its config.json does not say
   window = hf.get("sliding_window", 4096 if hf.get("model_type") == "mistral" else None)
@@ -65,31 +65,35 @@ def _unsupported(hf: dict[str, Any], where: Path) -> None:
       ("attention_bias", hf.get("attention_bias"), not hf.get("attention_bias"), "valid: false (our attention has no biases)"),
       ("mlp_bias", hf.get("mlp_bias"), not hf.get("mlp_bias"), "valid: false (our MLP has no biases)"),
       ("sliding_window", window, window is None, "valid: null (we attend over the whole context)"),
+      ("tie_word_embeddings", hf.get("tie_word_embeddings"), isinstance(hf.get("tie_word_embeddings", False), bool),
+       "valid: true or false"),  # bool("false") is True; transformers refuses it
   ]
   for field in ("rope_scaling", "rope_parameters"):  # transformers before and since v5
     rope = hf.get(field) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    checks.append((field, hf.get(field), rope_type == "default", "valid: null or rope_type \"default\" (plain rotary embeddings)"))
+    plain = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) == "default"
+    checks.append((field, hf.get(field), plain, "valid: null or an object with rope_type \"default\" (plain rotary embeddings)"))
   for field, value, ok, valid in checks:
     if not ok:
-      raise ConfigError(f"{where}: {field}={json.dumps(value)}{'' if field in hf else ' (unset)'} is not supported; {valid}")
+      raise ConfigError(f"{field}={json.dumps(value)}{'' if field in hf else ' (unset)'} is not supported; {valid}")
 
 
-def model_config(hf: dict[str, Any], where: Path) -> ModelConfig:
+def model_config(hf: dict[str, Any]) -> ModelConfig:
   """Our model settings for a Hugging Face config.json."""
-  _unsupported(hf, where)
-  d_model, heads = _require(hf, "hidden_size", where), _require(hf, "num_attention_heads", where)
-  rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+  _unsupported(hf)
+  d_model, heads = _require(hf, "hidden_size"), _require(hf, "num_attention_heads")
+  # transformers' order: a rope_scaling object stands for rope_parameters, and its theta comes before the top-level one
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  rope_theta = next((t for t in (rope.get("rope_theta"), hf.get("rope_theta")) if t is not None), 10000.0)
   kv_heads_unset = 8 if hf.get("model_type") == "mistral" else None  # transformers' MistralConfig default
   # head_dim stays 0 where it is the derived value, so the config compares equal to one that omits it.
   explicit_head_dim = hf.get("head_dim") or 0
   return ModelConfig(
-      vocab_size=_require(hf, "vocab_size", where), num_layers=_require(hf, "num_hidden_layers", where),
+      vocab_size=_require(hf, "vocab_size"), num_layers=_require(hf, "num_hidden_layers"),
       d_model=d_model, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", kv_heads_unset) or heads,
       head_dim=0 if explicit_head_dim * heads == d_model else explicit_head_dim,
-      d_ff=_require(hf, "intermediate_size", where), max_seq_len=_require(hf, "max_position_embeddings", where),
+      d_ff=_require(hf, "intermediate_size"), max_seq_len=_require(hf, "max_position_embeddings"),
       rope_theta=float(rope_theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+      tie_embeddings=hf.get("tie_word_embeddings", False))
 
 
 def hf_config(m: ModelConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -152,14 +156,18 @@ def _tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
 
 def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
   """Our parameters, filled one source tensor at a time into preallocated stacked float32 arrays.
-  Peak host memory: the float32 model plus the largest source tensor, twice if it is not float32."""
+  Peak host memory: the float32 model plus the largest source tensor, twice if it is not float32 (a
+  tied model's lm_head, if saved, is held until the end: the untied model's size)."""
   _, abstract = abstract_model(m)
   flat = {k: np.empty(v.shape, np.float32)
           for k, v in traverse_util.flatten_dict(nnx.to_pure_dict(abstract), sep="/").items()}
-  todo = slots(m)
+  todo, head = slots(m), None
   for name, w in _tensors(_weight_files(hf_dir)):
-    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and m.tie_embeddings):
-      continue  # derived from rope_theta, or tied to the embedding: transformers ignores them too
+    if name.endswith("rotary_emb.inv_freq"):
+      continue  # derived from rope_theta: transformers ignores it too
+    if name == "lm_head.weight" and m.tie_embeddings:
+      head = w  # transformers ties it only where it equals the embedding, which may come later
+      continue
     if name not in todo:
       raise ConfigError(f"{hf_dir}: tensor '{name}' has no place in our Llama model (biases and extra weights are not supported)")
     key, layer, n_in = todo.pop(name)
@@ -172,7 +180,25 @@ def read_params(hf_dir: Path, m: ModelConfig) -> dict[str, Any]:
       target.reshape(w.shape[::-1])[...] = w.T
   if todo:
     raise ConfigError(f"{hf_dir}: tensor '{next(iter(todo))}' is missing ({len(todo)} of {len(slots(m))} missing)")
+  if head is not None and not np.array_equal(head, flat["embed"]):
+    raise ConfigError(f"{hf_dir}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight', yet config.json says "
+                      f"tie_word_embeddings=true (transformers then unties them); set it to false to import the head")
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _added_tokens(hf_dir: Path) -> Iterator[tuple[int, str, Path]]:
+  """(id, text, file) of each token transformers adds to tokenizer.model's pieces."""
+  for path in (hf_dir / "tokenizer_config.json", hf_dir / "added_tokens.json"):
+    if not path.is_file():
+      continue
+    try:
+      found = json.loads(path.read_text())
+      if path.name == "tokenizer_config.json":
+        yield from ((int(i), t["content"], path) for i, t in found.get("added_tokens_decoder", {}).items())
+      else:
+        yield from ((int(i), t, path) for t, i in found.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+      raise ConfigError(f"'{path}' is not a tokenizer file transformers reads (JSON with added tokens and their ids)") from None
 
 
 def _check_new(path: Path, what: str) -> None:
@@ -232,7 +258,7 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
     hf = json.loads(where.read_text())
     if not isinstance(hf, dict):
       raise ConfigError(f"expected a JSON object of settings, not {type(hf).__name__}")
-    m = model_config(hf, where)
+    m = model_config(hf)
     config.from_dict({"model": dataclasses.asdict(m)})  # each value of the type and range our settings take
   except json.JSONDecodeError as e:
     raise ConfigError(f"{where} is not valid JSON ({e.msg} at line {e.lineno})") from None
@@ -249,10 +275,21 @@ def from_hf(hf_dir: str | Path, workdir: str | Path) -> Config:
     if (theirs := hf.get(key)) is not None and ours not in (theirs if isinstance(theirs, list) else [theirs]):
       raise ConfigError(f"{where}: {key}={json.dumps(theirs)} is not {tokenizer.path.name}'s ({ours}); we start and stop "
                         f"sequences at the tokenizer's ids, so such a model is not supported")
+  # Added tokens within the pieces (Llama's <s>, </s>, <unk>) are pieces; others encode text as one id.
+  if beyond := sorted((a for a in _added_tokens(hf_dir) if a[0] >= tokenizer.vocab_size), key=lambda a: a[0]):
+    i, text, path = beyond[0]
+    raise ConfigError(f"{path}: added token {json.dumps(text)} (id {i}) is not one of {tokenizer.path.name}'s {tokenizer.vocab_size} "
+                      f"pieces; we read tokenizer.model's pieces only, so such a model is not supported")
+  # transformers' generate stops at each id listed, ours at the tokenizer's; ids past the pieces are never sampled.
+  eos = hf.get("eos_token_id")
+  stops = [t for t in eos if t != tokenizer.eos_id and t in range(tokenizer.vocab_size)] if isinstance(eos, list) else []
   cfg = run_config(m, tokenizer)
   writable_dir(workdir, "work directory")  # after the checks (a refusal leaves no directory), before the weights are read
   params = read_params(hf_dir, m)
   _writing(workdir, lambda: write_run(workdir, cfg, params, tokenizer.path))
+  if stops:
+    print(f"note: config.json's eos_token_id also lists {', '.join(map(str, stops))}: pass "
+          f"{' '.join(f'--stop-token {t}' for t in stops)} to lm-sample to stop there as transformers does", flush=True)
   return cfg
 
 

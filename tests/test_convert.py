@@ -32,9 +32,10 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              max_position_embeddings=64)
 
 
-def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size="5GB", unset=(), **settings):
+def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size="5GB", unset=(), changes=None, **settings):
   """A random transformers model with the tokenizer's vocabulary, saved as safetensors; `unset`: keys
-  left out of its config.json (transformers reads its defaults)."""
+  left out of its config.json (transformers reads its defaults); `changes`: keys set there as
+  transformers itself does not write them."""
   config_cls, model_cls = FAMILIES[family]
   torch.manual_seed(0)
   model = model_cls(config_cls(**{"vocab_size": tokenizer.vocab_size, **SHAPE, **settings}))
@@ -45,7 +46,7 @@ def save_hf(path, tokenizer, family="llama", dtype=torch.float32, max_shard_size
   model.to(dtype).save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
   shutil.copyfile(tokenizer.path, path / "tokenizer.model")
   written = json.loads((path / "config.json").read_text())
-  (path / "config.json").write_text(json.dumps({k: v for k, v in written.items() if k not in unset}))
+  (path / "config.json").write_text(json.dumps({**{k: v for k, v in written.items() if k not in unset}, **(changes or {})}))
   return path
 
 
@@ -66,6 +67,10 @@ PARITY = {
                                            rope_theta=1e6),
     "mistral, kv heads unset (8)": dict(family="mistral", num_attention_heads=16, num_key_value_heads=8,
                                         sliding_window=None, unset=("num_key_value_heads",)),
+    # transformers reads the theta in rope_parameters (or in a rope_scaling object, read as those) first
+    "theta in rope_parameters and at the top level": dict(rope_theta=1e6, changes=dict(rope_theta=5e5)),
+    "theta in rope_scaling only": dict(unset=("rope_parameters",),
+                                       changes=dict(rope_scaling={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 
@@ -148,6 +153,25 @@ def test_converted_model_with_a_padded_vocabulary_fine_tunes_with_init_from(toke
   assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
 
 
+def test_a_llama_2_style_directory_imports_and_names_its_other_end_of_sequence_ids(tokenizer, tmp_path, capsys):
+  """Its tokenizer_config.json lists the special pieces as added tokens, which change nothing; transformers'
+  generate stops at every id eos_token_id lists, lm-sample at the tokenizer's and each --stop-token."""
+  hf_dir = save_hf(tmp_path / "hf", tokenizer, eos_token_id=[tokenizer.eos_id, 7, 9])
+  special = {str(i): {"content": tokenizer.sp.id_to_piece(i), "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True} for i in (0, tokenizer.bos_id, tokenizer.eos_id)}
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({
+      "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": special, "bos_token": "<s>",
+      "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": False, "model_max_length": 10**30,
+      "pad_token": None, "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+      "unk_token": "<unk>", "use_default_system_prompt": False}))
+  assert transformers.GenerationConfig.from_pretrained(hf_dir).eos_token_id == [tokenizer.eos_id, 7, 9]
+  capsys.readouterr()
+  assert convert_main(["--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run")]) == 0
+  assert capsys.readouterr().out.splitlines()[0] == (
+      "note: config.json's eos_token_id also lists 7, 9: pass --stop-token 7 --stop-token 9 to lm-sample to stop there "
+      "as transformers does")
+
+
 def hf_config(**changes):
   return {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64, **changes}
@@ -161,10 +185,12 @@ UNSUPPORTED = [
     (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096 is not supported; valid: null"),
     (dict(model_type="mistral"), "sliding_window=4096 (unset) is not supported; valid: null"),  # transformers' default
     (dict(rope_scaling={"type": "linear", "factor": 2.0}),
-     'rope_scaling={"type": "linear", "factor": 2.0} is not supported; valid: null or rope_type "default"'),
+     'rope_scaling={"type": "linear", "factor": 2.0} is not supported; valid: null or an object with rope_type "default"'),
+    (dict(rope_scaling="linear"), 'rope_scaling="linear" is not supported; valid: null or an object with rope_type "default"'),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),
      'rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0} is not supported'),
-    (dict(hidden_size=None), "has no 'hidden_size'"),
+    (dict(tie_word_embeddings="false"), 'tie_word_embeddings="false" is not supported; valid: true or false'),
+    (dict(hidden_size=None), "'hidden_size' is missing"),
     (dict(hidden_size="64"), "config key 'model.d_model' expects int, got '64'"),
 ]
 
@@ -175,7 +201,7 @@ def test_unsupported_settings_fail_with_one_line_naming_the_field(tmp_path, chan
   (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(**changes)))
   with pytest.raises(ConfigError, match=re.escape(message)) as e:
     from_hf(tmp_path / "hf", tmp_path / "run")
-  assert "\n" not in str(e.value) and str(tmp_path / "hf" / "config.json") in str(e.value)
+  assert "\n" not in str(e.value) and str(e.value).count(str(tmp_path / "hf" / "config.json")) == 1
   assert not (tmp_path / "run").exists()
 
 
@@ -196,9 +222,16 @@ def test_weights_that_do_not_fit_the_model_are_refused(tokenizer, tmp_path):
       **{"model.layers.1.mlp.up_proj.weight": None})
   assert "tensor 'model.norm.weight' has shape [65]; config.json implies [64]" in convert_with(
       **{"model.norm.weight": np.ones(65, np.float32)})
-  # Rotary frequencies saved by older transformers are derived from rope_theta, so they are skipped.
-  save_file({**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}, weights,
-            metadata={"format": "pt"})
+  # config.json ties the head to the embedding, yet the weights hold a head of their own: transformers uses it
+  (hf_dir / "config.json").write_text(json.dumps({**json.loads((hf_dir / "config.json").read_text()), "tie_word_embeddings": True}))
+  assert ("tensor 'lm_head.weight' differs from 'model.embed_tokens.weight', yet config.json says tie_word_embeddings=true "
+          "(transformers then unties them); set it to false to import the head") in convert_with()  # the weights as saved
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  assert not torch.equal(theirs.lm_head.weight, theirs.model.embed_tokens.weight)
+  # Rotary frequencies saved by older transformers are derived from rope_theta, and a tied head that
+  # equals the embedding adds nothing, so both are skipped.
+  save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"],
+             "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}, weights, metadata={"format": "pt"})
   from_hf(hf_dir, tmp_path / "run")
 
 
@@ -210,7 +243,21 @@ def test_cli_errors_are_one_line(tokenizer, tmp_path, capsys, monkeypatch):
     return err
 
   hf_dir = save_hf(tmp_path / "hf", tokenizer)
+  chat = {"content": "<|im_start|>", "special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+  (hf_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "added_tokens_decoder": {"512": chat}}))
+  assert transformers.AutoTokenizer.from_pretrained(hf_dir)("<|im_start|>")["input_ids"] == [512]  # one id, not its pieces
   capsys.readouterr()
+  added = "(id 512) is not one of tokenizer.model's 512 pieces; we read tokenizer.model's pieces only"
+  assert f"{hf_dir / 'tokenizer_config.json'}: added token \"<|im_start|>\" {added}" in fails(
+      "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
+  (hf_dir / "tokenizer_config.json").unlink()
+  (hf_dir / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 513, "<|im_start|>": 512}))
+  assert f"{hf_dir / 'added_tokens.json'}: added token \"<|im_start|>\" {added}" in fails(
+      "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
+  (hf_dir / "added_tokens.json").write_text("[]")
+  assert f"'{hf_dir / 'added_tokens.json'}' is not a tokenizer file transformers reads" in fails(
+      "--from-hf", str(hf_dir), "--workdir", str(tmp_path / "run"))
+  (hf_dir / "added_tokens.json").unlink()
   assert f"'{tmp_path / 'missing'}' is not a Hugging Face model directory" in fails(
       "--from-hf", str(tmp_path / "missing"), "--workdir", str(tmp_path / "run"))
   (tmp_path / "taken").mkdir()
