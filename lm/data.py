@@ -339,6 +339,11 @@ def held_out_batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_ba
   return [_Stack().map([rows_read[start + j] for j in rows]) for start in range(0, len(rows_read), global_batch)]
 
 
+def padding_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """A batch of `batches`' shape whose rows are all padding (segment 0): outside the loss."""
+  return {k: np.zeros((rows, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+
+
 def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
             shuffle_window: int = 1, rows: range | None = None, workers: int = 0) -> grain.IterDataset:
   """Rows `rows` (default: all) of every global batch, the rows this process feeds to its devices:

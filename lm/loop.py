@@ -168,23 +168,53 @@ class StopRequest:
       return
     self.received = signum
 
-  def agreed(self, waits_anyway: bool, check: Callable[[], None]) -> bool:
-    """True on every process, at the same step, once any process received a signal; where `check`
+  def agreed(self, waits_anyway: bool, *checks: Callable[[], None]) -> bool:
+    """True on every process, at the same step, once any process received a signal; where a check
     raises on any process (process 0 could not write the metrics), its error on every one. Across
     processes that takes all-gathers, which wait for the step in flight, so it is asked only every
     `log.every` steps (every step when that is 0) and at steps that evaluate or save (which wait
     anyway); a step between says no."""
     if jax.process_count() == 1:
-      check()
+      run_all(checks)
       return self.received is not None
     if not waits_anyway:
       return False
-    distributed.all_or_none(check)
+    distributed.all_or_none(run_all, checks)
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.received is not None))))
 
   def restore(self) -> None:
     for s, handler in self.previous.items():
       signal.signal(s, handler)
+
+
+def run_all(checks: tuple[Callable[[], None], ...]) -> None:
+  for check in checks:
+    check()
+
+
+class Feed:
+  """The training batches. A data error (a malformed record) on one process of several must not end it
+  alone: the others would wait for it in the step's collectives until JAX's heartbeat ended them. That
+  process feeds rows of padding instead, outside the loss, and its error ends every process at their
+  next agreed step, before anything more is saved."""
+
+  def __init__(self, batches: Any, rows: int, seq_len: int):
+    self.batches, self.error = batches, None
+    self.padding = data.padding_batch(rows, seq_len)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.error is None:
+      try:
+        return next(self.batches)
+      except ConfigError as e:
+        if jax.process_count() == 1:
+          raise
+        self.error = e
+    return self.padding
+
+  def check(self) -> None:
+    if self.error is not None:
+      raise self.error
 
 
 class Profile:
@@ -223,17 +253,22 @@ class StepLog:
     self.writer, self.peak = writer, peak
     self.clock = metrics.StepClock(start)
 
-  def __call__(self, done: int, step_metrics: dict[str, jax.Array]) -> None:
-    """Called once the next step is already queued, so reading the loss does not stall the device."""
+  @staticmethod
+  def check(done: int, step_metrics: dict[str, jax.Array]) -> None:
     # The loss is that of the parameters before the step; inf or NaN gradients poison the ones after it.
     for name, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
       if not math.isfinite(value := float(step_metrics[key])):
         raise TrainingError(f"{name} became {value} at step {done}; training stopped, nothing more was saved")
+
+  def __call__(self, done: int, step_metrics: dict[str, jax.Array]) -> None:
+    """Called once the next step is fetched and queued: reading the loss does not stall the device, and
+    each line's time holds as many fetches as steps."""
+    self.check(done, step_metrics)
     if not due(done, self.every) and done != self.last:
       return
     m = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "tokens"}
     steps_done, seconds = self.clock.lap(done)
-    if steps_done:  # none when only the first step, with its compilation, ran since the last line
+    if steps_done and seconds > 0:  # no steps when only the first, with its compilation, ran since the last line
       m["tokens_per_sec"] = steps_done * self.tokens_per_step / seconds
       if self.peak:
         m["mfu"] = steps_done * self.flops_per_step / seconds / self.peak
@@ -371,9 +406,10 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
     writer.say(f"mfu is against this machine's float32 matmul rate, measured now: {peak / 1e9:.1f} GFLOP/s (lower while it is busy)")
   log = StepLog(cfg, writer, start, peak)
   saves, profile = Saves(ckpts, meta), Profile(cfg.profile, workdir)
+  feed = Feed(train_iter, len(stream["rows"]), t.seq_len)
   stop.training = True
   try:
-    state = train(cfg, steps, state, train_iter, val_batches, log, saves, stop, profile)
+    state = train(cfg, steps, state, feed, val_batches, log, saves, stop, profile)
   finally:
     profile.stop()
     train_iter.close()
@@ -388,36 +424,48 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   return state
 
 
-def train(cfg: Config, steps: Steps, state: TrainState, train_iter: Any, val_batches: list[dict[str, np.ndarray]],
+def write(log: StepLog, done: int, step_metrics: dict[str, jax.Array], evaluated: dict[str, float] | None) -> None:
+  log(done, step_metrics)
+  if evaluated is not None:
+    log.writer.write(done, evaluated)
+
+
+def train(cfg: Config, steps: Steps, state: TrainState, feed: Feed, val_batches: list[dict[str, np.ndarray]],
           log: StepLog, saves: Saves, stop: StopRequest, profile: Profile) -> TrainState:
-  """Steps until `train.steps` or a stop request; each step's metrics are read while the next one runs."""
+  """Steps until `train.steps` or a stop request. A step's metrics (and its evaluation's) are written in
+  the next step, once that one is fetched and queued: the loss is read while it runs, and every line's
+  time holds as many batches fetched as steps, however its steps evaluated or saved. (The last line has
+  no next batch: where fetching bounds the run, its throughput reads high.)"""
   pending, start, began = None, int(state.step), time.perf_counter()
   for step in range(start, cfg.train.steps):
     done = step + 1
     profile.before(done)
-    state, step_metrics = steps.train_step(state, steps.shard_batch(next(train_iter)))
+    state, step_metrics = steps.train_step(state, steps.shard_batch(next(feed)))
     profile.after(done, state)
     if step == start:  # compiles first: timed on its own, and left out of tokens/s
       jax.block_until_ready(step_metrics)
       log.writer.say(f"step {done} took {time.perf_counter() - began:.1f}s with its compilation (left out of tokens/s)")
       log.clock.start(done)
+    elif step == start + 1:  # from where the compiled step's line would lap
+      log.clock.start(step)
     if pending is not None:
-      log(*pending)
-    pending = (done, step_metrics)
+      write(log, *pending)
+    pending = (done, step_metrics, None)
     last = done == cfg.train.steps
     evaluate_now = bool(val_batches) and (due(done, cfg.eval.every) or last)
     save_now = due(done, cfg.checkpoint.every) or last
-    stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every or 1), log.writer.check)  # log.every=0: every step
+    stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every or 1), feed.check, log.writer.check)  # log.every=0: every step
     save_now = save_now or stopping
     if evaluate_now or save_now:
-      log(*pending)  # a NaN stops here, before anything is saved
-      pending = None
+      log.check(done, step_metrics)  # a NaN stops here, before anything is saved
       log.clock.pause()
       if save_now:
-        saves.save(done, state, train_iter)
+        saves.save(done, state, feed.batches)
       if evaluate_now:
-        log.writer.write(done, evaluate(steps, state, val_batches))
+        pending = (done, step_metrics, evaluate(steps, state, val_batches))
       log.clock.start()
+    if stopping or last:
+      write(log, *pending)
     if stopping:
       saves.wait()
       log.writer.say(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} at step {done}; checkpoint saved")

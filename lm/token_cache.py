@@ -88,7 +88,7 @@ def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, wo
       raise ConfigError(f"'{out}' holds a token cache made otherwise ({'; '.join(differ)}); rerun with those settings, "
                         f"or use another directory")
   model = out / "tokenizer.model"
-  if model.is_file() and model.absolute() != tokenizer.path.absolute() and file_digest(model) != tokenizer.sha256:
+  if model.is_file() and model.absolute() != tokenizer.path.absolute() and file_digest(model) != plan["tokenizer"]["sha256"]:
     raise ConfigError(f"'{model}' is another tokenizer than {tokenizer.path} (another SHA-256); use another directory, "
                       f"or remove it to have it replaced")
   out.mkdir(parents=True, exist_ok=True)

@@ -285,6 +285,27 @@ def test_metrics_process_0_cannot_write_stop_every_process(tmp_path):
   assert f"[p0] error: {line}" in stderr and f"[p1] error: process 0: {line}" in stderr
 
 
+def test_a_data_error_on_one_process_stops_every_process(tmp_path, tokenizer, shared_data):
+  """A malformed record that one process reads mid-run ends every process with its line (the others
+  waited for it in the step's collectives until killed), and nothing trained since is saved."""
+  paragraphs = [p for p in (shared_data / "tinyshakespeare.txt").read_text().split("\n\n") if p.strip()][:2000]
+  lines = [json.dumps({"text": p}) for p in paragraphs]
+  lines[1000] = '{"text": "a line cut short"'
+  (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+  workdir = tmp_path / "run"
+  proc = cluster(workdir, f"data.source=jsonl:{tmp_path / 'docs.jsonl'}", f"tokenizer.path={tokenizer.path}",
+                 "data.val_fraction=0", "data.shuffle_window=1", "eval.steps=0", "train.steps=400")
+  stdout, stderr = proc.communicate(timeout=150)
+  line = f"{tmp_path / 'docs.jsonl'}:1001: malformed JSON (Expecting ',' delimiter at column 1)"
+  errors = re.findall(r"^\[p(\d)\] error: (.*)$", stderr, re.M)
+  assert proc.returncode == 1 and len(errors) == 2, stderr
+  failed = next(p for p, message in errors if message == line)  # the process that read it
+  assert sorted(errors) == sorted([(failed, line), (str(1 - int(failed)), f"process {failed}: {line}")])
+  logged = int(re.findall(r"^\[p0\] step (\d+) \|", stdout, re.M)[-1])
+  assert 1 < logged < 400
+  assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()) <= logged
+
+
 def test_a_sigterm_during_set_up_stops_every_process_at_their_first_agreed_step(tmp_path):
   """Across processes JAX's preemption service took a SIGTERM that came before training, and the run
   trained on until killed."""
