@@ -1,8 +1,9 @@
 """Document sources and grain pipelines that pack tokens into fixed-length rows.
 
 Row j of every global batch comes from its own stream (documents j, j+B, j+2B, ... of a seeded
-shuffle), so the data order depends on the global batch size only, never on how many processes
-read it: each process builds just the streams of its own rows.
+shuffle; of each source's, mixed per row, for a mixture), so the data order depends on the global
+batch size only, never on how many processes read it: each process builds just the streams of its
+own rows.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import glob
 import itertools
 import os
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import grain.experimental as gx
 import numpy as np
 
 from lm.config import ConfigError, DataConfig
-from lm.formats import INDEX_MARK, CompressedJsonLines, Parquet, record_text
+from lm.formats import INDEX_MARK, CompressedJsonLines, Parquet, line_index, record_text
 from lm.packing import PackedRows, WindowShuffle
 from lm.token_cache import TokenCache
 from lm.tokenizer import Tokenizer
@@ -44,31 +45,28 @@ class TextFiles:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> str:
-    return Path(self.paths[i]).read_text(encoding="utf-8", errors="replace")
+    return Path(self.paths[i]).read_text(encoding="utf-8-sig", errors="replace")  # a BOM is no text
 
 
 class JsonLines:
   """Each non-empty line of each file is one document; a line offset index makes it random-access."""
 
   def __init__(self, paths: Sequence[str], field: str):
-    self.paths, self.field, self.index = list(paths), field, []
-    for f, path in enumerate(self.paths):
-      offset = 0
-      with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-          if line.strip():
-            self.index.append((f, offset, lineno))
-          offset += len(line)
+    self.paths, self.field = list(paths), field
+    index = [line_index(path) for path in self.paths]
+    self.offsets, self.linenos = [o for o, _ in index], [n for _, n in index]  # each file's
+    self.counts = np.cumsum([0] + [len(o) for o in self.offsets])  # the documents before each file
 
   def __len__(self) -> int:
-    return len(self.index)
+    return int(self.counts[-1])
 
   def __getitem__(self, i: int) -> str:
-    f, offset, lineno = self.index[i]
+    f = int(np.searchsorted(self.counts, i, side="right")) - 1
+    k = i - self.counts[f]
     with open(self.paths[f], "rb") as fh:
-      fh.seek(offset)
+      fh.seek(self.offsets[f][k])
       line = fh.readline()
-    return record_text(line, f"{self.paths[f]}:{lineno}", self.field)
+    return record_text(line, f"{self.paths[f]}:{self.linenos[f][k]}", self.field)
 
 
 class ArrayRecords:
@@ -88,18 +86,11 @@ class ArrayRecords:
 
 
 class Mixture:
-  """Documents of several sources drawn in proportion to their weights (grain's deterministic mix);
-  as a sequence, each document of the sources appears at most once."""
+  """Documents of several sources, which each row of a global batch draws in proportion to their
+  weights (`row_documents`). Not a sequence: a finite mix would end with its scarcest source."""
 
   def __init__(self, parts: Sequence[Any], weights: Sequence[float]):
     self.parts, self.weights = list(parts), list(weights)
-    self.mixed = grain.MapDataset.mix([grain.MapDataset.source(p) for p in self.parts], self.weights)
-
-  def __len__(self) -> int:
-    return len(self.mixed)
-
-  def __getitem__(self, i: int) -> Any:
-    return self.mixed[i]
 
 
 class Subset:
@@ -135,6 +126,8 @@ def stdlib_files() -> list[str]:
 
 def _match(pattern: str, spec: str) -> list[str]:
   pattern = os.path.expanduser(pattern)
+  if os.path.isfile(pattern):  # as named: a file called "part[1].txt" is no pattern for "part1.txt"
+    return [pattern]
   if os.path.isdir(pattern):
     pattern = os.path.join(pattern, "**", "*")
   paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
@@ -182,7 +175,7 @@ def open_source(spec: str, text_field: str = "text") -> Any:
     source = ArrayRecords(_match(rest, spec))
   else:
     source = _text_files(spec)
-  if len(source) == 0 or not any(_has_text(source[i]) for i in range(min(len(source), 64))):
+  if not any(_has_text(source[i]) for i in range(len(source))):  # stops at the first document with text
     raise ConfigError(f"data source '{spec}' has no text")
   return source
 
@@ -197,7 +190,8 @@ def documents(spec: str, text_field: str = "text") -> Any:
   """A source's documents, a single long text cut into chunks: what a token cache stores, and what
   training or validation reads of a source that is not split."""
   source = open_source(spec, text_field)
-  return chunks(source[0]) if len(source) == 1 and isinstance(source[0], str) else source
+  text = source[0] if len(source) == 1 else None  # read once: it may be one huge file
+  return chunks(text) if isinstance(text, str) else source
 
 
 def split(cfg: DataConfig) -> tuple[Any, Any | None]:
@@ -223,8 +217,8 @@ def document_counts(train: Any, validation: Any | None) -> dict[str, list[int]]:
 
 def _split_source(spec: str, cfg: DataConfig) -> tuple[Any, Any | None]:
   source = open_source(spec, cfg.text_field)
-  if len(source) == 1 and isinstance(source[0], str):
-    text = source[0]
+  text = source[0] if len(source) == 1 else None  # read once: it may be one huge file
+  if isinstance(text, str):
     cut = int(len(text) * (1 - cfg.val_fraction))
     return chunks(text[:cut]), (chunks(text[cut:]) if cut < len(text) else None)
   return split_documents(source, cfg.val_fraction, spec)
@@ -265,11 +259,29 @@ def check_tokenizer(cfg: DataConfig, tokenizer: Tokenizer) -> None:
                         f"set tokenizer.path={cache.dir / 'tokenizer.model'} or prepare the cache again with this one")
 
 
-def shuffled_documents(docs: Any, seed: int) -> grain.MapDataset:
-  """An endless seeded shuffle of the documents (of each source, for a mixture, then mixed)."""
+def row_documents(docs: Any, seed: int, row: int, global_batch: int) -> grain.MapDataset:
+  """Row `row`'s documents: every `global_batch`-th of an endless seeded shuffle, from the `row`-th
+  on; of a mixture, each source's so (its shuffle seeded seed + its index), mixed by weight. (Mixed
+  first and split among the rows after, grain's repeating pattern, ABAB... for 0.5/0.5, gave each row
+  one source where its period shares a factor with the batch: row counts and document lengths, not
+  the weights, set the proportions.)"""
   if isinstance(docs, Mixture):
-    return grain.MapDataset.mix([shuffled_documents(p, seed + i) for i, p in enumerate(docs.parts)], docs.weights)
-  return grain.MapDataset.source(docs).shuffle(seed).repeat()
+    parts = [row_documents(p, seed + i, row, global_batch) for i, p in enumerate(docs.parts)]
+    return grain.MapDataset.mix(parts, docs.weights)
+  return grain.MapDataset.source(docs).shuffle(seed).repeat()[row::global_batch]
+
+
+def every_document(docs: Any) -> Iterator[Any]:
+  """Each document once; a mixture's sources interleaved by weight until all are read (a tokenizer
+  that stops at a budget of lines sees each source, not the first alone)."""
+  if not isinstance(docs, Mixture):
+    yield from (docs[i] for i in range(len(docs)))
+    return
+  taken = [0] * len(docs.parts)
+  while left := [i for i, p in enumerate(docs.parts) if taken[i] < len(p)]:
+    i = min(left, key=lambda i: (taken[i] + 1) / docs.weights[i])  # the source furthest behind its weight
+    yield docs.parts[i][taken[i]]
+    taken[i] += 1
 
 
 class _Tokenize(grain.transforms.Map):
@@ -353,14 +365,14 @@ def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int,
   them), so the order depends on the worker count too, and is as deterministic and resumable."""
   rows = rows or range(global_batch)
   if token_ids(docs):
-    packed = PackedRows(shuffled_documents(docs, seed), tokenizer.bos_id, tokenizer.eos_id, seq_len=seq_len,
-                        global_batch=global_batch, rows=rows, window=shuffle_window, seed=seed)
+    packed = PackedRows([row_documents(docs, seed, j, global_batch) for j in rows], tokenizer.bos_id, tokenizer.eos_id,
+                        seq_len=seq_len, rows=rows, window=shuffle_window, seed=seed)
     return gx.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=2)
-  shuffled = shuffled_documents(docs, seed).map(_Tokenize(tokenizer))
   streams = []
   for j in rows:
     # Streams are read synchronously: one prefetch thread below serves all of them.
-    stream = shuffled[j::global_batch].filter(_Something()).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    stream = row_documents(docs, seed, j, global_batch).map(_Tokenize(tokenizer)).filter(_Something())
+    stream = stream.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     stream = gx.ConcatThenSplitIterDataset(stream, length_struct={"inputs": seq_len, "targets": seq_len})
     if shuffle_window > 1:
       stream = WindowShuffle(stream, size=shuffle_window, seed=seed, row=j)

@@ -76,7 +76,7 @@ def train_on_first(docs: Any, cfg: config.TokenizerConfig, path: Path) -> None:
   """Process 0 trains the run's tokenizer (the others read it once it is written)."""
   if jax.process_index() == 0:
     try:
-      train_tokenizer((docs[i] for i in range(len(docs))), cfg, path)
+      train_tokenizer(data.every_document(docs), cfg, path)
     except OSError as e:
       raise ConfigError(f"writing the tokenizer {path} failed: {e.strerror or e}") from None
 

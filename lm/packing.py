@@ -1,9 +1,10 @@
 """Packing documents into rows of a global batch, and shuffling each row's stream in windows.
 
-Row j of every global batch has its own stream: elements j, j+B, j+2B, ... of the shuffled
-documents (BOS + ids + EOS, inputs and targets one apart), concatenated and cut into rows of
-seq_len; a piece of an element restarts its positions at 0 in the next row. Then, with a window
-w > 1, the stream's rows are taken in windows of w, each in the order `window_order` gives.
+Row j of every global batch has its own stream: its documents (lm.data.row_documents: elements j,
+j+B, j+2B, ... of the shuffle), each BOS + ids + EOS with inputs and targets one apart, concatenated
+and cut into rows of seq_len; a piece of an element restarts its positions at 0 in the next row.
+Then, with a window w > 1, the stream's rows are taken in windows of w, each in the order
+`window_order` gives.
 
 Text goes through grain per row (lm.data: ConcatThenSplitIterDataset, then `WindowShuffle`).
 Token ids (a token cache) need no tokenizing, so `PackedRows` makes the same rows for all of a
@@ -13,6 +14,7 @@ position is the batch number and each stream's first row of the current window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -129,11 +131,12 @@ class _Stream:
 class PackedRows(grain.IterDataset):
   """Rows `rows` of every global batch of token-id documents, as lm.data.batches makes them of text."""
 
-  def __init__(self, shuffled: grain.MapDataset, bos: int, eos: int, *, seq_len: int, global_batch: int,
-               rows: range, window: int, seed: int):
+  def __init__(self, documents: Sequence[grain.MapDataset], bos: int, eos: int, *, seq_len: int, rows: range,
+               window: int, seed: int):
+    """`documents`: each row of `rows`' own documents, in order."""
     super().__init__()
-    self.shuffled, self.bos, self.eos, self.seq_len = shuffled, bos, eos, seq_len
-    self.global_batch, self.rows, self.window, self.seed = global_batch, rows, max(window, 1), seed
+    self.documents, self.bos, self.eos, self.seq_len = list(documents), bos, eos, seq_len
+    self.rows, self.window, self.seed = rows, max(window, 1), seed
 
   def __iter__(self) -> _PackedRowsIterator:
     return _PackedRowsIterator(self)
@@ -143,8 +146,7 @@ class _PackedRowsIterator(grain.DatasetIterator):
   def __init__(self, ds: PackedRows):
     super().__init__()
     self.ds, self.batch = ds, 0
-    self.streams = [_Stream(ds.shuffled[j::ds.global_batch], ds.bos, ds.eos, ds.seq_len, ds.window, ds.seed, j)
-                    for j in ds.rows]
+    self.streams = [_Stream(docs, ds.bos, ds.eos, ds.seq_len, ds.window, ds.seed, j) for docs, j in zip(ds.documents, ds.rows)]
 
   def __next__(self) -> dict[str, np.ndarray]:
     shape = (len(self.streams), self.ds.seq_len)

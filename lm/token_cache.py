@@ -98,7 +98,7 @@ def prepare(docs: Any, source: str, tokenizer: Tokenizer, out: str | Path, *, wo
   if tokenizer.path.absolute() != model.absolute():
     shutil.copyfile(tokenizer.path, model)
   shards = -(-len(docs) // shard_docs)
-  todo = [s for s in range(shards) if not _shard_paths(out, s)[1].exists()]
+  todo = [s for s in range(shards) if not all(p.exists() for p in _shard_paths(out, s))]  # a lost file is written again
   bar = tqdm.tqdm(total=shards, initial=shards - len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
   args = (docs, str(tokenizer.path), out, shard_docs)
   with multiprocessing.get_context("fork").Pool(workers, _start_worker, args) as pool:
@@ -128,7 +128,17 @@ class TokenCache:
       raise ConfigError(f"'{index_path}' is not a token cache's index; rerun the lm-prepare command that wrote it, into a new directory")
     if self.index.get("format") != FORMAT or not self.index.get("complete"):
       raise ConfigError(f"token cache '{folder}' is incomplete; rerun the same lm-prepare command to finish it")
+    self._check_shards()
     self.shards: Recent = Recent(OPEN_SHARDS)  # (tokens, offsets), opened on first use
+
+  def _check_shards(self) -> None:
+    """Refuses a cache that lost a shard file (a partial copy, say) now, not when training reaches it."""
+    there = set(os.listdir(self.dir))  # one listing: a large cache has many thousand shards
+    for s in range(-(-self.index["documents"] // self.index["shard_docs"])):
+      for path in _shard_paths(self.dir, s):
+        if path.name not in there:
+          raise ConfigError(f"token cache '{self.dir}' is missing {path}; rerun the lm-prepare command that wrote it, "
+                            f"which writes it again")
 
   @property
   def tokenizer_sha256(self) -> str:

@@ -65,6 +65,21 @@ def test_source_errors_name_the_problem(tmp_path):
     data.open_source(str(tmp_path))  # a directory that holds some
 
 
+def test_a_file_is_read_as_named_text_after_empty_documents_counts_and_one_text_is_read_once(tmp_path, monkeypatch):
+  (tmp_path / "part[1].txt").write_text("the bracketed one")
+  (tmp_path / "part1.txt").write_text("the other one")  # what "part[1].txt" matches as a glob pattern
+  source = data.open_source(str(tmp_path / "part[1].txt"))
+  assert [source[i] for i in range(len(source))] == ["the bracketed one"]
+  (tmp_path / "late.jsonl").write_text('{"text": ""}\n' * 100 + '{"text": "at last"}\n')
+  source = data.open_source(f"jsonl:{tmp_path / 'late.jsonl'}")
+  assert len(source) == 101 and source[100] == "at last"
+  reads, read = [], data.TextFiles.__getitem__
+  monkeypatch.setattr(data.TextFiles, "__getitem__", lambda self, i: reads.append(i) or read(self, i))
+  (tmp_path / "one.txt").write_text("line of text\n" * 10_000)
+  data.split(DataConfig(source=str(tmp_path / "one.txt"), val_fraction=0.1))
+  assert len(reads) == 2  # the check that it has text, and the split: a single text may be huge
+
+
 def test_records_that_are_not_clean_utf8_are_read_as_text_files_are(tmp_path, tokenizer):
   """Scraped JSON Lines, saved with a byte-order mark: a Latin-1 byte reads as U+FFFD, as in a text
   file; a lone surrogate escape (valid JSON, not UTF-8) as '?'. They tokenize, train a tokenizer and
@@ -573,7 +588,7 @@ def test_mixture_follows_its_weights_holds_out_per_source_and_resumes(tmp_path, 
   cfg = config.load(None, [f"data.mixture={{'{tmp_path / 'a'}': 0.7, '{tmp_path / 'b'}': 0.3}}", "data.val_fraction=0.1"])
   assert config.from_dict(config.to_dict(cfg)).data.mixture == {str(tmp_path / "a"): 0.7, str(tmp_path / "b"): 0.3}
   train, val = data.split(cfg.data)
-  drawn = data.shuffled_documents(train, seed=1)
+  drawn = data.row_documents(train, seed=1, row=0, global_batch=1)
   first = [drawn[i] for i in range(2000)]
   assert sum(d in a for d in first) / 2000 == pytest.approx(0.7, abs=0.01)
   assert sum(d in b for d in first) + sum(d in a for d in first) == 2000
@@ -586,3 +601,55 @@ def test_mixture_follows_its_weights_holds_out_per_source_and_resumes(tmp_path, 
   kw = dict(seq_len=32, global_batch=4, seed=5, shuffle_window=3)
   assert_resumes_exactly(lambda: iter(data.batches(train, tokenizer, **kw)), skip=6, take=3)
 
+
+def mixture_of_long_and_short(tmp_path, tokenizer, weights):
+  """Sources whose documents differ in length 7-fold (67 and 9 tokens), and each one's first token."""
+  long, short = tmp_path / "long", tmp_path / "short"
+  for folder, text in ((long, "alpha " + "word " * 20), (short, "beta end")):
+    folder.mkdir()
+    for i in range(40):
+      (folder / f"doc{i:03d}.txt").write_text(f"{text} {i}\n")
+  firsts = [tokenizer.encode(t)[0] for t in ("alpha word", "beta end")]
+  assert firsts[0] != firsts[1]
+  return [str(long), str(short)], firsts
+
+
+def started_shares(batches, tokenizer, firsts) -> list[float]:
+  """Each source's share of the documents that start in the batches (BOS, then the source's first token)."""
+  counts = np.zeros(len(firsts))
+  for batch in batches:
+    starts = batch["inputs"] == tokenizer.bos_id
+    for s, first in enumerate(firsts):
+      counts[s] += (starts & (batch["targets"] == first)).sum()
+  return list(counts / counts.sum())
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.75, 0.25)])
+def test_a_mixture_starts_documents_in_proportion_to_its_weights_in_every_row(tmp_path, tokenizer, weights):
+  """grain's mix repeats a pattern (ABAB... for 0.5/0.5); split among 8 rows after mixing, each row read
+  one source, and the source of long documents started a few percent of them, not half."""
+  specs, firsts = mixture_of_long_and_short(tmp_path, tokenizer, weights)
+  for spec in specs:
+    token_cache.prepare(data.documents(spec), spec, tokenizer, f"{spec}-cache", workers=1, shard_docs=16, progress=False)
+  text = data.Mixture([data.open_source(s) for s in specs], list(weights))
+  cached = data.Mixture([data.open_source(f"tokens:{s}-cache") for s in specs], list(weights))
+  kw = dict(seq_len=32, global_batch=8, seed=2)
+  got = {name: list(itertools.islice(data.batches(docs, tokenizer, **kw), 50)) for name, docs in (("text", text), ("cache", cached))}
+  for name in got:
+    assert started_shares(got[name], tokenizer, firsts) == pytest.approx(weights, abs=0.05), name
+  for want, batch in zip(got["text"], got["cache"]):  # the token cache's rows are the text's
+    for k in want:
+      np.testing.assert_array_equal(batch[k], want[k])
+  assert_resumes_exactly(lambda: iter(data.batches(cached, tokenizer, shuffle_window=3, **kw)), skip=7, take=3)
+
+
+def test_the_tokenizer_learns_from_every_document_of_a_mixture(tmp_path, monkeypatch):
+  """Not grain's finite mix, which ends with the scarcest source (20 of these 1,002 documents), and
+  not one source after another, which a line budget would fill with the first."""
+  from lm import loop
+  many, few = [f"many {i}" for i in range(1000)], ["few 0", "few 1"]
+  seen = []
+  monkeypatch.setattr(loop, "train_tokenizer", lambda docs, cfg, path: seen.extend(docs))
+  loop.train_on_first(data.Mixture([many, few], [0.5, 0.5]), None, tmp_path / "t.model")
+  assert sorted(seen) == sorted(many + few)
+  assert set(seen[:4]) >= set(few)
