@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import signal
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -356,6 +357,12 @@ def padding_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
   return {k: np.zeros((rows, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
 
 
+def _leave_ctrl_c(worker: int, workers: int) -> None:
+  """A terminal's Ctrl-C reaches every process of its group: a worker leaves it to the trainer, which
+  saves and stops them (each printed its KeyboardInterrupt's traceback)."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int, seed: int,
             shuffle_window: int = 1, rows: range | None = None, workers: int = 0) -> grain.IterDataset:
   """Rows `rows` (default: all) of every global batch, the rows this process feeds to its devices:
@@ -381,5 +388,6 @@ def batches(docs: Any, tokenizer: Tokenizer, *, seq_len: int, global_batch: int,
   if workers:
     if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads an absl flag here that scripts never parse (google/grain#1355)
       flags.FLAGS.mark_as_parsed()
-    stacked = stacked.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    stacked = stacked.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+                                  worker_init_fn=_leave_ctrl_c)
   return gx.ThreadPrefetchIterDataset(stacked, prefetch_buffer_size=2)

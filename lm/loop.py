@@ -60,7 +60,9 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
       write_file(path, tokenizer.path.read_bytes())
     return tokenizer
   exists = distributed.from_first(path.exists())
-  if not exists and inherited is not None:
+  # an earlier attempt without --init-from may have trained one of its own (process 0's file decides)
+  stale = jax.process_index() == 0 and exists and inherited is not None and file_digest(path) != file_digest(inherited)
+  if inherited is not None and (not exists or distributed.from_first(stale)):
     if jax.process_index() == 0:
       write_file(path, inherited.read_bytes())
     multihost_utils.sync_global_devices("tokenizer copied")
@@ -199,10 +201,31 @@ class Feed:
   next agreed step, before anything more is saved."""
 
   def __init__(self, batches: Any, rows: int, seq_len: int):
-    self.batches, self.error = batches, None
+    self.batches, self.error, self.ahead = batches, None, None
     self.padding = data.padding_batch(rows, seq_len)
 
   def __next__(self) -> dict[str, np.ndarray]:
+    if self.ahead is None:
+      return self._fetch()
+    (_, batch), self.ahead = self.ahead, None
+    if isinstance(batch, ConfigError):
+      raise batch
+    return batch
+
+  def peek(self) -> None:
+    """Fetches the next batch now; `get_state` still gives the position before it, and a data error
+    is raised by the `next` that takes it (after this step is saved)."""
+    position = self.batches.get_state()
+    try:
+      batch = self._fetch()
+    except ConfigError as e:
+      batch = e
+    self.ahead = (position, batch)
+
+  def get_state(self) -> Any:
+    return self.batches.get_state() if self.ahead is None else self.ahead[0]
+
+  def _fetch(self) -> dict[str, np.ndarray]:
     if self.error is None:
       try:
         return next(self.batches)
@@ -253,17 +276,13 @@ class StepLog:
     self.writer, self.peak = writer, peak
     self.clock = metrics.StepClock(start)
 
-  @staticmethod
-  def check(done: int, step_metrics: dict[str, jax.Array]) -> None:
+  def __call__(self, done: int, step_metrics: dict[str, jax.Array]) -> None:
+    """Called once the next step is fetched and queued: reading the loss does not stall the device, and
+    each line's time holds as many fetches as steps."""
     # The loss is that of the parameters before the step; inf or NaN gradients poison the ones after it.
     for name, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
       if not math.isfinite(value := float(step_metrics[key])):
         raise TrainingError(f"{name} became {value} at step {done}; training stopped, nothing more was saved")
-
-  def __call__(self, done: int, step_metrics: dict[str, jax.Array]) -> None:
-    """Called once the next step is fetched and queued: reading the loss does not stall the device, and
-    each line's time holds as many fetches as steps."""
-    self.check(done, step_metrics)
     if not due(done, self.every) and done != self.last:
       return
     m = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "tokens"}
@@ -309,15 +328,16 @@ class Saves:
 
 def start_state(steps: Steps, ckpts: Checkpoints, source: tuple[Checkpoints, int, dict[str, Any]] | None,
                 init_from: str | None, cfg: Config, meta: dict[str, Any], workdir: Path, data_iter: Any,
-                say: Callable[[str], None]) -> TrainState:
+                say: Callable[[str], None], resuming: bool) -> TrainState:
   """This run's newest readable checkpoint, else the --init-from run's parameters, else a fresh init."""
   abstract = steps.abstract_state()
   state = resume.restore_newest(ckpts, cfg, meta, workdir, abstract, data_iter, say)
-  # --init-from without its `source`: the run had checkpoints of its own, all unreadable. Not a start
-  # from random weights.
-  if state is None and init_from and source is None:
+  # A run whose checkpoints were all unreadable (storage that failed for a while, say) does not start
+  # again from random weights, or switch to --init-from, unasked.
+  if state is None and resuming:
+    start = f"from --init-from {init_from}" if init_from else "afresh, from step 0"
     raise ConfigError(f"every checkpoint in {workdir} was unreadable and is set aside in checkpoints_unreadable/; "
-                      f"rerun the same command to start from --init-from {init_from}")
+                      f"rerun the same command to start {start}")
   if state is None and source is not None:
     other, step, _ = source
     state = steps.state_from_params(other.restore_params(step, abstract.params))
@@ -383,7 +403,7 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
                f"it goes on with its copy, {tokenizer.path}")
   if cfg.data.workers and data.token_ids(train_docs):
     writer.say(f"data.workers={cfg.data.workers} is not used: token caches are packed in the training process, faster than in workers")
-  state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say)
+  state = start_state(steps, ckpts, source, init_from, cfg, meta, workdir, train_iter, writer.say, resuming)
   start = int(state.step)
   if init_from and source is None:
     writer.say(f"--init-from {init_from} is not used: {workdir} has checkpoints of its own, so it resumes from them")
@@ -424,18 +444,12 @@ def _setup_and_train(cfg: Config, workdir: Path, init_from: str | None, mesh: An
   return state
 
 
-def write(log: StepLog, done: int, step_metrics: dict[str, jax.Array], evaluated: dict[str, float] | None) -> None:
-  log(done, step_metrics)
-  if evaluated is not None:
-    log.writer.write(done, evaluated)
-
-
 def train(cfg: Config, steps: Steps, state: TrainState, feed: Feed, val_batches: list[dict[str, np.ndarray]],
           log: StepLog, saves: Saves, stop: StopRequest, profile: Profile) -> TrainState:
-  """Steps until `train.steps` or a stop request. A step's metrics (and its evaluation's) are written in
-  the next step, once that one is fetched and queued: the loss is read while it runs, and every line's
-  time holds as many batches fetched as steps, however its steps evaluated or saved. (The last line has
-  no next batch: where fetching bounds the run, its throughput reads high.)"""
+  """Steps until `train.steps` or a stop request. A step's metrics are read once the next step is
+  fetched and queued, so reading them does not stall the device, and each line's time holds as many
+  batch fetches as steps (a step that evaluates or saves fetches the next batch first; the last line
+  has no next batch: where fetching bounds the run, its throughput reads high)."""
   pending, start, began = None, int(state.step), time.perf_counter()
   for step in range(start, cfg.train.steps):
     done = step + 1
@@ -449,23 +463,24 @@ def train(cfg: Config, steps: Steps, state: TrainState, feed: Feed, val_batches:
     elif step == start + 1:  # from where the compiled step's line would lap
       log.clock.start(step)
     if pending is not None:
-      write(log, *pending)
-    pending = (done, step_metrics, None)
+      log(*pending)
+    pending = (done, step_metrics)
     last = done == cfg.train.steps
     evaluate_now = bool(val_batches) and (due(done, cfg.eval.every) or last)
     save_now = due(done, cfg.checkpoint.every) or last
     stopping = stop.agreed(evaluate_now or save_now or due(done, cfg.log.every or 1), feed.check, log.writer.check)  # log.every=0: every step
     save_now = save_now or stopping
     if evaluate_now or save_now:
-      log.check(done, step_metrics)  # a NaN stops here, before anything is saved
+      if not (last or stopping):
+        feed.peek()
+      log(*pending)  # a NaN stops here, before anything is saved
+      pending = None
       log.clock.pause()
       if save_now:
-        saves.save(done, state, feed.batches)
+        saves.save(done, state, feed)
       if evaluate_now:
-        pending = (done, step_metrics, evaluate(steps, state, val_batches))
+        log.writer.write(done, evaluate(steps, state, val_batches))
       log.clock.start()
-    if stopping or last:
-      write(log, *pending)
     if stopping:
       saves.wait()
       log.writer.say(f"stopped by {signal.Signals(stop.received or signal.SIGTERM).name} at step {done}; checkpoint saved")

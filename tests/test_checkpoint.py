@@ -142,6 +142,12 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one_and_is_kept(straigh
   kept = list((workdir / "checkpoints_unreadable").iterdir())
   assert len(kept) == 1 and kept[0].name.startswith("12-") and (kept[0] / "params").is_dir()
   assert Checkpoints(workdir / "checkpoints", read_only=True).steps() == [6, 12, 14]
+  for data_file in (workdir / "checkpoints").rglob("ocdbt.process_0/d/*"):  # all of them: no fresh start unasked
+    os.truncate(data_file, data_file.stat().st_size // 3)
+  out = run_trainer(workdir, *STEPS[1:], "train.steps=14", devices=1)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (f"error: every checkpoint in {workdir} was unreadable and is set aside in "
+                                                 "checkpoints_unreadable/; rerun the same command to start afresh, from step 0")
 
 
 def test_a_checkpoint_this_machine_cannot_take_in_is_left_in_place(straight, tmp_path, monkeypatch):
@@ -189,14 +195,17 @@ def test_incompatible_config_fails_before_loading_and_safe_changes_are_reported(
   assert "resuming with changed settings: train.learning_rate: 0.003 -> 0.001; train.steps: 12 -> 13" in out.stdout
 
 
-def test_init_from_takes_parameters_only(straight, tmp_path):
+def test_init_from_takes_parameters_only(straight, tmp_path, shared_data):
   workdir = tmp_path / "finetune"
+  workdir.mkdir()  # where an attempt without --init-from trained a tokenizer of its own, then stopped
+  shutil.copyfile(shared_data / "c4_en_32k_sentencepiece.model", workdir / "tokenizer.model")
   long_prompt = "--sample-prompt=" + "x = 1\n" * 40  # past what the tiny model's sample can hold
   out = run_trainer(workdir, "train.steps=1", "train.learning_rate=0.01", long_prompt, init_from=f"{straight}:6")
   assert out.returncode == 0, out.stderr  # trained and saved: only the sample is skipped, in one line
   assert re.search(r"^no sample: prompt 0 has \d+ tokens; with max_new_tokens=32 that exceeds the model's max_seq_len=64$",
                    out.stderr, re.M)
   assert f"initialized parameters from {straight}:6 (step 6); fresh optimizer at step 0" in out.stdout
+  assert (workdir / "tokenizer.model").read_bytes() == (straight / "tokenizer.model").read_bytes()
   # The first step of a warmup schedule has learning rate 0: the parameters are exactly step 6's.
   got, want = final_params(workdir, 1), final_params(straight, 6)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want)))

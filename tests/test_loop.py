@@ -4,7 +4,9 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -197,6 +199,25 @@ def test_a_second_notice_while_the_last_save_is_written_does_not_lose_it(tmp_pat
   assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
 
 
+@pytest.mark.slow
+def test_ctrl_c_at_a_terminal_saves_and_stops_with_data_workers_in_one_line(tmp_path, tokenizer):
+  """A terminal's Ctrl-C reaches the whole process group: grain's workers leave it to the trainer (each
+  printed its KeyboardInterrupt's traceback)."""
+  terminal = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from launch.train import main; sys.exit(main())")
+  command = trainer_command(tmp_path / "run", "train.steps=2000", "log.every=1", "data.workers=1", f"tokenizer.path={tokenizer.path}")
+  job = subprocess.Popen([sys.executable, "-c", terminal, *command[3:]], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
+  deadline = time.monotonic() + 300
+  while not ((tmp_path / "run" / "metrics.jsonl").exists() and len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 2):
+    assert time.monotonic() < deadline and job.poll() is None
+    time.sleep(0.05)
+  os.killpg(job.pid, signal.SIGINT)
+  stdout, stderr = job.communicate(timeout=300)
+  assert job.returncode == 0 and "stopped by SIGINT at step" in stdout, stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
 def test_bad_override_fails_before_any_work(tmp_path):
   out = run_trainer(tmp_path / "run", "model.d_modle=3")
   assert out.returncode == 1
@@ -216,9 +237,10 @@ class FakeTime:
 
 def test_tokens_per_sec_counts_training_steps_only_and_zero_cadence_means_the_last_step(tmp_path, tokenizer, monkeypatch,
                                                                                         capsys):
-  """Fetching a batch takes 2 s, the first step (its compilation) 50 s, every other step 1 s, each
-  evaluation 100 s. Every row but the last (which has no next batch to fetch) counts 3 s a step: the
-  rows of an evaluated step and of the step after it too; checkpoint.every=0 saves at the last step only."""
+  """Fetching a batch takes 2 s, the first step (its compilation) 50 s, the others no time (a run that
+  its data bounds), each evaluation 100 s. Every row but the last (which has no next batch to fetch)
+  counts 2 s a step: the rows of an evaluated step and of the step after it too; checkpoint.every=0
+  saves at the last step only."""
   from lm import config, loop, metrics, train
 
   clock = FakeTime()
@@ -230,7 +252,7 @@ def test_tokens_per_sec_counts_training_steps_only_and_zero_cadence_means_the_la
 
       def timed(state, batch):
         out = jax.block_until_ready(step(state, batch))
-        clock.now += 1.0 if self.calls else 50.0
+        clock.now += 0.0 if self.calls else 50.0
         self.calls += 1
         return out
 
@@ -240,12 +262,12 @@ def test_tokens_per_sec_counts_training_steps_only_and_zero_cadence_means_the_la
     clock.now += 100.0
     return evaluate(*args)
 
-  def slow_next(feed):
+  def slow_fetch(feed):
     clock.now += 2.0
-    return next_batch(feed)
+    return fetch(feed)
 
-  evaluate, next_batch = loop.evaluate, loop.Feed.__next__
-  monkeypatch.setattr(loop.Feed, "__next__", slow_next)
+  evaluate, fetch = loop.evaluate, loop.Feed._fetch
+  monkeypatch.setattr(loop.Feed, "_fetch", slow_fetch)
   monkeypatch.setattr(loop, "Steps", TimedSteps)
   monkeypatch.setattr(loop, "evaluate", slow_evaluate)
   monkeypatch.setattr(loop, "time", clock)
@@ -259,7 +281,7 @@ def test_tokens_per_sec_counts_training_steps_only_and_zero_cadence_means_the_la
   assert [(r["step"], "loss" in r) for r in rows] == [(1, True), (2, True), (3, True), (3, False), (4, True), (5, True),
                                                       (6, True), (6, False)]
   assert "tokens_per_sec" not in train_rows[0]  # step 1 is left out
-  assert [8 * 32 / r["tokens_per_sec"] for r in train_rows[1:5]] == pytest.approx([3.0] * 4)
+  assert [8 * 32 / r["tokens_per_sec"] for r in train_rows[1:5]] == pytest.approx([2.0] * 4)
   assert "step 1 took 52.0s with its compilation (left out of tokens/s)" in capsys.readouterr().out
   for r in train_rows:  # the rate of the step's own update, step - 1: warmup over 2, then cosine to 0.1 x peak
     t = r["step"] - 1
