@@ -82,8 +82,9 @@ def pass_cost(sampler: Sampler, rows: int, T: int, S: int, repeats: int = 15) ->
 
 def rates(samplers: dict[str, Sampler], prompts: list[str], rows: int, new_tokens: int, repeats: int
           ) -> dict[str, tuple[float, float, float]]:
-  """Per sampler: median kept tokens/s over `repeats` compiled runs taken in turn with the others
-  (so load from other processes weighs on all alike), acceptance and tokens per target pass."""
+  """Per sampler: median kept tokens/s over `repeats` compiled runs of every prompt through `rows`
+  slots, taken in turn with the others (so load from other processes weighs on all alike), acceptance
+  and tokens per target pass. Batch 1 too samples every prompt: one prompt's acceptance is luck."""
   kw = dict(max_new_tokens=new_tokens, batch_size=rows, chunk=8)
   per_second: dict[str, list[float]] = {name: [] for name in samplers}
   for sampler in samplers.values():
@@ -92,7 +93,7 @@ def rates(samplers: dict[str, Sampler], prompts: list[str], rows: int, new_token
   for _ in range(repeats):
     for name, sampler in samplers.items():
       decode_tokens, decode_seconds = sampler.timing.decode_tokens, sampler.timing.decode_seconds
-      sampler.generate(prompts[:rows], **kw)
+      sampler.generate(prompts, **kw)
       per_second[name].append((sampler.timing.decode_tokens - decode_tokens) / (sampler.timing.decode_seconds - decode_seconds))
   out = {}
   for name, sampler in samplers.items():
