@@ -60,8 +60,9 @@ def tokenizer_for(cfg: Config, workdir: Path, docs: Any, inherited: Path | None 
       write_file(path, tokenizer.path.read_bytes())
     return tokenizer
   exists = distributed.from_first(path.exists())
-  # an earlier attempt without --init-from may have trained one of its own (process 0's file decides)
-  stale = jax.process_index() == 0 and exists and inherited is not None and file_digest(path) != file_digest(inherited)
+  # a fresh run's earlier attempt may have trained one of its own (process 0's file decides); a resumed
+  # run keeps its copy, which the resume checks
+  stale = fresh and jax.process_index() == 0 and exists and inherited is not None and file_digest(path) != file_digest(inherited)
   if inherited is not None and (not exists or distributed.from_first(stale)):
     if jax.process_index() == 0:
       write_file(path, inherited.read_bytes())
@@ -208,17 +209,17 @@ class Feed:
     if self.ahead is None:
       return self._fetch()
     (_, batch), self.ahead = self.ahead, None
-    if isinstance(batch, ConfigError):
+    if isinstance(batch, Exception):
       raise batch
     return batch
 
   def peek(self) -> None:
-    """Fetches the next batch now; `get_state` still gives the position before it, and a data error
+    """Fetches the next batch now; `get_state` still gives the position before it, and a failed read
     is raised by the `next` that takes it (after this step is saved)."""
     position = self.batches.get_state()
     try:
       batch = self._fetch()
-    except ConfigError as e:
+    except Exception as e:  # a malformed record, a storage error: this step's checkpoint comes first
       batch = e
     self.ahead = (position, batch)
 

@@ -225,6 +225,29 @@ def test_bad_override_fails_before_any_work(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_a_batch_fetched_ahead_keeps_the_position_before_it_and_its_read_error_for_later():
+  """A step that saves fetches the next batch first: the checkpoint takes the position before it, and
+  a failed read surfaces at the next step, after the save."""
+  class Batches:
+    position = 0
+
+    def __next__(self):
+      if self.position == 1:
+        raise OSError("storage went away")
+      self.position += 1
+      return {"inputs": np.ones((1, 4), np.int32)}
+
+    def get_state(self):
+      return {"position": self.position}
+
+  feed = loop.Feed(Batches(), rows=1, seq_len=4)
+  next(feed)
+  feed.peek()
+  assert feed.get_state() == {"position": 1}
+  with pytest.raises(OSError, match="storage went away"):
+    next(feed)
+
+
 class FakeTime:
   """A clock that moves only when the test says: the loop's only source of time here."""
 
